@@ -1,0 +1,28 @@
+# vault-secrets: `make run` starts the plugin on a local OpenBao dev server; `make test` runs every test.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PLUGIN_NAME ?= vault-secrets
+PYTEST_ARGS ?=
+
+.PHONY: venv run test unit clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+run: venv
+	$(PY) -m devenv.run --plugin-name $(PLUGIN_NAME)
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+unit: venv
+	$(PY) -m pytest -m 'not openbao and not docker' $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .run build *.egg-info

@@ -1,0 +1,1 @@
+"""vault-secrets: a Docker volume plugin delivering Vault / OpenBao secrets as files on a per-container tmpfs."""

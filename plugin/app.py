@@ -1,0 +1,105 @@
+"""The HTTP edge: Docker's plugin protocol over Flask. The only module that imports Flask.
+
+dockerd sends POST requests with no Content-Type and, for verbs without arguments, an empty body, so
+bodies are parsed from raw bytes. Docker's wire names (`Name`, `Opts`, `ID`, `Mountpoint`, `Err`)
+appear only here. Every failure becomes `{"Err": "..."}`; a traceback never leaves this module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
+
+from plugin.driver import Driver
+from plugin.errors import InvalidOptionError, PluginError
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "application/vnd.docker.plugins.v1.2+json"
+MAX_BODY = 1 << 20
+
+
+def create_app(driver: Driver) -> Flask:
+    """The Flask application serving `driver` on Docker's volume plugin protocol."""
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+
+    def route(verb: str, handler: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        def view() -> Response:
+            return _reply(handler(_body()))
+
+        app.add_url_rule(f"/{verb}", endpoint=verb, view_func=view, methods=["POST"])
+
+    route("Plugin.Activate", lambda body: {"Implements": ["VolumeDriver"]})
+    route("VolumeDriver.Create", lambda b: _ok(driver.create(_name(b), _options(b))))
+    route("VolumeDriver.Remove", lambda b: _ok(driver.remove(_name(b))))
+    route("VolumeDriver.Mount", lambda b: {"Mountpoint": driver.mount(_name(b), _mount_id(b)), "Err": ""})
+    route("VolumeDriver.Unmount", lambda b: _ok(driver.unmount(_name(b), _mount_id(b))))
+    route("VolumeDriver.Path", lambda b: {"Mountpoint": driver.path(_name(b)), "Err": ""})
+    route("VolumeDriver.Get", lambda b: {"Volume": driver.get(_name(b)), "Err": ""})
+    route("VolumeDriver.List", lambda b: {"Volumes": driver.list(), "Err": ""})
+    route("VolumeDriver.Capabilities", lambda b: {"Capabilities": driver.capabilities()})
+
+    @app.errorhandler(PluginError)
+    def plugin_error(e: PluginError) -> Response:
+        log.info("%s failed: %s", request.path.lstrip("/"), e)
+        return _reply({"Err": str(e)}, 500)
+
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException) -> Response:
+        return _reply({"Err": f"{e.code} {e.name}: {request.path} is not a volume plugin call this plugin accepts"
+                       if e.code in (404, 405) else f"{e.code} {e.name}"}, e.code or 500)
+
+    @app.errorhandler(Exception)
+    def unexpected(e: Exception) -> Response:
+        log.exception("unexpected error in %s", request.path)
+        return _reply({"Err": "internal error in the vault-secrets plugin: see the plugin's log"}, 500)
+
+    return app
+
+
+def _reply(payload: dict[str, Any], status: int = 200) -> Response:
+    return Response(json.dumps(payload), status=status, content_type=CONTENT_TYPE)
+
+
+def _ok(_: None) -> dict[str, Any]:
+    return {"Err": ""}
+
+
+def _body() -> dict[str, Any]:
+    raw = request.get_data(cache=False)
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidOptionError("request body is not valid JSON") from e
+    if not isinstance(body, dict):
+        raise InvalidOptionError("request body must be a JSON object")
+    return body
+
+
+def _name(body: dict[str, Any]) -> str:
+    name = body.get("Name")
+    if not isinstance(name, str) or not name:
+        raise InvalidOptionError("request has no volume Name")
+    return name
+
+
+def _mount_id(body: dict[str, Any]) -> str:
+    mount_id = body.get("ID")
+    if not isinstance(mount_id, str) or not mount_id:
+        raise InvalidOptionError("request has no mount ID")
+    return mount_id
+
+
+def _options(body: dict[str, Any]) -> dict[str, str]:
+    options = body.get("Opts") or {}
+    if not isinstance(options, dict):
+        raise InvalidOptionError("Opts must be an object of string options")
+    return options

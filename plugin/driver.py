@@ -1,0 +1,236 @@
+"""The volume driver: Docker's eight volume verbs, knowing nothing of HTTP.
+
+Create/Remove/Get/List/Path answer from the store only (dockerd drops a volume whose Get fails, so they
+must never depend on Vault). Mount mints a child token for the mount, reads every secret with it, and
+only then makes the tmpfs; any failure undoes all of it. Unmount of the last reference revokes the
+child token (and with it every lease it created) and removes the tmpfs.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+from plugin.errors import (
+    InvalidOptionError,
+    PluginError,
+    VaultUnavailableError,
+    VolumeInUseError,
+    VolumeNotFoundError,
+)
+from plugin.mounts import TmpfsMounter
+from plugin.render import render_files
+from plugin.spec import parse_spec
+from plugin.store import MountRecord, Store, VolumeRecord
+from plugin.vault import Vault
+
+log = logging.getLogger(__name__)
+audit = logging.getLogger("plugin.audit")
+
+# Docker's own volume name rule; also keeps the name a safe single path component.
+_VOLUME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_MOUNT_ID = re.compile(r"[A-Za-z0-9]{1,128}")
+
+
+class TokenSource(Protocol):
+    def token(self) -> str: ...
+
+
+class Driver:
+    """Implements the volume verbs over the store, Vault, the plugin identity and the tmpfs mounter."""
+
+    def __init__(self, store: Store, vault: Vault, identity: TokenSource, mounter: TmpfsMounter, *, hostname: str):
+        self._store, self._vault, self._identity, self._mounter = store, vault, identity, mounter
+        self._hostname = hostname
+        self._locks: dict[object, list] = {}
+        self._locks_guard = threading.Lock()
+
+    # -- verbs answered from local state --------------------------------------------------------
+
+    def create(self, name: str, options: dict[str, str] | None) -> None:
+        """Validate and record a volume. Idempotent for identical options; needs no Vault."""
+        _check_volume_name(name)
+        options = dict(options or {})
+        parse_spec(options)
+        with self._hold(name):
+            existing = self._store.volume(name)
+            if existing is not None:
+                if existing.options != options:
+                    raise InvalidOptionError(
+                        f"volume {name} already exists with other options: remove it first (docker volume rm {name})"
+                    )
+                return
+            self._store.add_volume(name, options)
+        audit.info("volume.create %s", name, extra={"event": "volume.create", "volume": name})
+
+    def remove(self, name: str) -> None:
+        """Forget a volume. Refused while mounted; removing an unknown volume succeeds."""
+        with self._hold(name):
+            active = [m for m in self._store.mounts(name) if m.refcount > 0]
+            if active:
+                raise VolumeInUseError(
+                    f"volume {name} is mounted by {len(active)} container(s): stop them before removing it"
+                )
+            self._store.remove_volume(name)
+        audit.info("volume.remove %s", name, extra={"event": "volume.remove", "volume": name})
+
+    def get(self, name: str) -> dict:
+        volume = self._require_volume(name)
+        return self._describe(volume)
+
+    def list(self) -> list[dict]:
+        return [self._describe(v) for v in self._store.volumes()]
+
+    def path(self, name: str) -> str:
+        """The mountpoint of one active mount of the volume, or "" when none (each mount has its own)."""
+        self._require_volume(name)
+        return next((m.mountpoint for m in self._store.mounts(name) if m.refcount > 0), "")
+
+    def capabilities(self) -> dict:
+        return {"Scope": "local"}
+
+    def _describe(self, volume: VolumeRecord) -> dict:
+        active = [m for m in self._store.mounts(volume.name) if m.refcount > 0]
+        return {
+            "Name": volume.name,
+            "Mountpoint": active[0].mountpoint if active else "",
+            "CreatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(volume.created_at)),
+            "Status": {"activeMounts": len(active)},
+        }
+
+    # -- mount and unmount ----------------------------------------------------------------------
+
+    def mount(self, name: str, mount_id: str) -> str:
+        """Give mount `mount_id` of volume `name` its tmpfs of secrets; return the path dockerd binds.
+
+        A second Mount of the same ID only counts a reference. Fails closed: on any error no token,
+        tmpfs or state of this mount remains, and the raised `PluginError` says what failed.
+        """
+        _check_volume_name(name)
+        _check_mount_id(mount_id)
+        with self._hold((name, mount_id)):
+            record = self._store.mount(name, mount_id)
+            if record is not None and record.refcount > 0:
+                self._store.set_refcount(name, mount_id, record.refcount + 1)
+                return record.mountpoint
+            if record is not None:  # left half-made by a crash: finish undoing it first
+                self._teardown(record)
+            spec = parse_spec(self._require_volume(name).options)
+            child = self._vault.mint_child(
+                self._identity.token(),
+                spec.role,
+                spec.ttl,
+                meta={"volume": name, "mount_id": mount_id, "host": self._hostname},
+                display_name=f"vault-secrets-{name}"[:100],
+            )
+            audit.info("token.mint %s %s", name, mount_id, extra={"event": "token.mint", "volume": name, "mount_id": mount_id, "accessor": child.accessor})
+            view = self._mounter.view_path(name, mount_id)
+            # Recorded (refcount 0) before anything else can fail, so a crash leaves a trace to undo.
+            record = MountRecord(name, mount_id, 0, str(view), child.token, child.accessor, time.time())
+            self._store.add_mount(record)
+            try:
+                secrets = {path: self._vault.read_secret(child.token, path) for path in spec.paths}
+                files = render_files(spec, secrets)
+                self._mounter.mount(name, mount_id, files, uid=spec.uid, gid=spec.gid, mode=spec.mode, size=spec.size)
+                self._store.set_refcount(name, mount_id, 1)
+            except BaseException:
+                self._teardown(record)
+                raise
+        audit.info("mount %s %s", name, mount_id, extra={"event": "mount", "volume": name, "mount_id": mount_id, "accessor": child.accessor})
+        return str(view)
+
+    def unmount(self, name: str, mount_id: str) -> None:
+        """Drop one reference; the last one revokes the child token and removes the tmpfs. Unknown IDs are fine."""
+        with self._hold((name, mount_id)):
+            record = self._store.mount(name, mount_id)
+            if record is None:
+                log.info("unmount of unknown mount %s of volume %s: nothing to do", mount_id, name)
+                return
+            if record.refcount > 1:
+                self._store.set_refcount(name, mount_id, record.refcount - 1)
+                return
+            self._teardown(record)
+        audit.info("unmount %s %s", name, mount_id, extra={"event": "unmount", "volume": name, "mount_id": mount_id})
+
+    def _teardown(self, record: MountRecord) -> None:
+        """Revoke the mount's token, remove its tmpfs, forget it. Revocations Vault cannot take now are kept."""
+        self._revoke(record.accessor, record.token, volume=record.volume, mount_id=record.mount_id)
+        self._mounter.unmount(record.volume, record.mount_id)
+        self._store.remove_mount(record.volume, record.mount_id)
+
+    def _revoke(self, accessor: str, token: str, **where: str) -> None:
+        try:
+            self._vault.revoke_self(token)
+        except PluginError as e:
+            self._store.add_pending_revocation(accessor, token)
+            log.warning("could not revoke token %s now, will retry: %s", accessor, e)
+            return
+        audit.info("token.revoke %s", accessor, extra={"event": "token.revoke", "accessor": accessor, **where})
+
+    # -- recovery -------------------------------------------------------------------------------
+
+    def reconcile(self) -> None:
+        """At start: undo mounts a crash left half-made and mounts whose tmpfs is gone (host reboot)."""
+        for record in self._store.mounts():
+            if record.refcount == 0 or not self._mounter.is_mounted(record.volume, record.mount_id):
+                log.info("cleaning up stale mount %s of volume %s", record.mount_id, record.volume)
+                with self._hold((record.volume, record.mount_id)):
+                    self._teardown(record)
+
+    def retry_pending_revocations(self) -> int:
+        """Revoke tokens whose revocation failed earlier. Returns how many are still pending."""
+        pending = self._store.pending_revocations()
+        for accessor, token in pending:
+            try:
+                self._vault.revoke_self(token)
+            except VaultUnavailableError:
+                return len(pending)
+            except PluginError as e:
+                log.warning("revocation of token %s still failing: %s", accessor, e)
+                continue
+            self._store.remove_pending_revocation(accessor)
+            audit.info("token.revoke %s (retried)", accessor, extra={"event": "token.revoke", "accessor": accessor})
+        return len(self._store.pending_revocations())
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _require_volume(self, name: str) -> VolumeRecord:
+        volume = self._store.volume(name)
+        if volume is None:
+            raise VolumeNotFoundError(f"no vault-secrets volume named {name!r}: create it with docker volume create -d vault-secrets")
+        return volume
+
+    @contextmanager
+    def _hold(self, key: object) -> Iterator[None]:
+        """Serialise work on one volume (Create/Remove) or one mount (Mount/Unmount).
+
+        Entries are dropped when no thread holds or waits for them: mount IDs are never reused.
+        """
+        with self._locks_guard:
+            entry = self._locks.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._locks_guard:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._locks[key]
+
+
+def _check_volume_name(name: str) -> None:
+    if not isinstance(name, str) or not _VOLUME_NAME.fullmatch(name):
+        raise InvalidOptionError(
+            "invalid volume name: use letters, digits, '_', '.' and '-', starting with a letter or digit"
+        )
+
+
+def _check_mount_id(mount_id: str) -> None:
+    if not isinstance(mount_id, str) or not _MOUNT_ID.fullmatch(mount_id):
+        raise InvalidOptionError("invalid mount ID: dockerd sends a hex string")

@@ -1,0 +1,53 @@
+"""The plugin's one error family.
+
+Every failure that reaches dockerd is a `PluginError`; the HTTP edge turns its message into
+`{"Err": message}`, which the docker CLI shows the user verbatim. Messages therefore say what is wrong
+and how to fix it, and never contain a secret value or a token.
+"""
+
+
+class PluginError(Exception):
+    """Base of every error the plugin reports to dockerd."""
+
+
+class InvalidOptionError(PluginError):
+    """A volume option is unknown, malformed, or unsafe (raised at Create)."""
+
+
+class VolumeNotFoundError(PluginError):
+    """The named volume is not in the plugin's state."""
+
+
+class VolumeInUseError(PluginError):
+    """The volume still has active mounts (raised by Remove)."""
+
+
+class VaultError(PluginError):
+    """Vault answered with an error (permission denied, missing path, bad request)."""
+
+
+class VaultUnavailableError(VaultError):
+    """Vault could not be reached, timed out, or is sealed."""
+
+
+class SecretFormatError(PluginError):
+    """A secret read from Vault cannot be rendered as the volume asks (missing field, bad env key)."""
+
+
+class WrappingTokenError(PluginError):
+    """A response-wrapping token failed its checks: already used, expired, or from an unexpected path.
+
+    This is a security event: someone else may have unwrapped the token first. Never retried.
+    """
+
+
+class IdentityUnavailableError(PluginError):
+    """The plugin has no valid Vault identity yet (still authenticating, or it expired)."""
+
+
+class MountError(PluginError):
+    """The tmpfs for a mount could not be created, filled, or removed."""
+
+
+class StateError(PluginError):
+    """The state directory or database is unusable."""

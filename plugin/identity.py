@@ -1,0 +1,194 @@
+"""The plugin's own Vault identity: obtained once from a wrapped AppRole SecretID, kept sealed, renewed.
+
+The identity token can only mint child tokens from the token roles the operator allowed; it reads no
+secret itself. Order of preference at start: the sealed token from the state directory (if Vault still
+accepts it), else the wrapping token in `--wrapped-secret-id-file`, which is looked up, checked, and
+unwrapped exactly once. A wrapping token that fails its checks is a security event, never retried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from plugin.errors import (
+    IdentityUnavailableError,
+    PluginError,
+    VaultError,
+    VaultUnavailableError,
+    WrappingTokenError,
+)
+from plugin.store import IdentityRecord, Store
+from plugin.vault import IssuedToken, Vault
+
+log = logging.getLogger(__name__)
+audit = logging.getLogger("plugin.audit")
+
+RETRY_MIN, RETRY_MAX = 1.0, 60.0
+RENEW_MAX_SLEEP = 3600.0
+
+
+class Identity:
+    """Holds the plugin token for the driver (`token()`) and keeps it valid (`run()`, one thread)."""
+
+    def __init__(
+        self,
+        vault: Vault,
+        store: Store,
+        *,
+        approle_mount: str,
+        role_id: str | None,
+        wrapped_secret_id_file: Path | None,
+    ):
+        self._vault, self._store = vault, store
+        self._approle_mount = approle_mount
+        self._role_id = role_id
+        self._wrapped_file = wrapped_secret_id_file
+        self._current: IssuedToken | None = None
+        self._problem = "the plugin is still authenticating to Vault; retry in a few seconds"
+        self._lock = threading.Lock()
+
+    def token(self) -> str:
+        """The plugin token. Raises `IdentityUnavailableError` (saying why) while there is none."""
+        with self._lock:
+            if self._current is None:
+                raise IdentityUnavailableError(f"no Vault identity: {self._problem}")
+            return self._current.token
+
+    def establish(self) -> IssuedToken:
+        """One attempt to obtain a valid identity; on success it is current and sealed in the store.
+
+        Raises `WrappingTokenError` (security event: stop), `VaultUnavailableError` (retry later), or
+        `IdentityUnavailableError` (an operator must deliver a new wrapped SecretID).
+        """
+        issued = self._resume_sealed() or self._bootstrap_from_wrapped_secret_id()
+        with self._lock:
+            self._current = issued
+        return issued
+
+    def _resume_sealed(self) -> IssuedToken | None:
+        record = self._store.identity()
+        if record is None:
+            return None
+        try:
+            issued = self._vault.lookup_self(record.token)
+        except VaultUnavailableError:
+            raise
+        except VaultError:
+            log.warning("the sealed plugin identity (accessor %s) is no longer valid in Vault", record.accessor)
+            self._store.forget_identity()
+            return None
+        log.info("resumed the sealed plugin identity (accessor %s, ttl %ss)", issued.accessor, issued.ttl)
+        return issued
+
+    def _bootstrap_from_wrapped_secret_id(self) -> IssuedToken:
+        wrapping_token = self._read_wrapping_token()
+        digest = hashlib.sha256(wrapping_token.encode()).hexdigest()
+        consumed_at = self._store.wrapping_token_consumed_at(digest)
+        if consumed_at is not None:
+            raise IdentityUnavailableError(
+                f"the wrapped SecretID in {self._wrapped_file} was already used by this plugin "
+                f"({time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(consumed_at))}) and the identity it gave "
+                f"is no longer valid; write a new one: {self._issue_hint()}"
+            )
+        try:
+            info = self._vault.lookup_wrapping(wrapping_token)
+            expected = re.compile(rf"auth/{re.escape(self._approle_mount)}/role/[^/]+/secret-id")
+            if not expected.fullmatch(info.creation_path):
+                raise WrappingTokenError(
+                    f"the wrapping token in {self._wrapped_file} was created at {info.creation_path!r}, not at "
+                    f"auth/{self._approle_mount}/role/<role>/secret-id: it does not wrap an AppRole SecretID"
+                )
+            # Recorded before unwrapping: after a crash between the two, a restart must not mistake
+            # our own use of the token for someone else's.
+            self._store.mark_wrapping_token_consumed(digest)
+            try:
+                secret_id = self._vault.unwrap(wrapping_token)["data"]["secret_id"]
+            except WrappingTokenError:
+                self._store.forget_wrapping_token(digest)
+                raise
+        except WrappingTokenError as e:
+            audit.critical(
+                "wrap.tamper: %s (file %s). The SecretID may have been intercepted: revoke the AppRole's "
+                "SecretIDs (auth/%s/role/<role>/secret-id-accessor/destroy) and issue a new one",
+                e, self._wrapped_file, self._approle_mount, extra={"event": "wrap.tamper"},
+            )
+            raise WrappingTokenError(f"{e}. Possible interception: issue a new wrapped SecretID ({self._issue_hint()})") from e
+        issued = self._vault.approle_login(self._approle_mount, self._require_role_id(), secret_id)
+        self._store.save_identity(IdentityRecord(issued.token, issued.accessor, time.time()))
+        log.info("obtained the plugin identity from the wrapped SecretID (accessor %s, ttl %ss)", issued.accessor, issued.ttl)
+        return issued
+
+    def _read_wrapping_token(self) -> str:
+        if self._wrapped_file is None:
+            raise IdentityUnavailableError("no sealed identity and no --wrapped-secret-id-file: " + self._issue_hint())
+        try:
+            token = self._wrapped_file.read_text().strip()
+        except OSError as e:
+            raise IdentityUnavailableError(f"cannot read --wrapped-secret-id-file {self._wrapped_file}: {e.strerror}") from e
+        if not token:
+            raise IdentityUnavailableError(f"{self._wrapped_file} is empty: {self._issue_hint()}")
+        return token
+
+    def _require_role_id(self) -> str:
+        if not self._role_id:
+            raise IdentityUnavailableError("no AppRole RoleID: pass --role-id or --role-id-file")
+        return self._role_id
+
+    def _issue_hint(self) -> str:
+        target = self._wrapped_file or "<file>"
+        return f"bao write -wrap-ttl=10m -f auth/{self._approle_mount}/role/<role>/secret-id > {target}"
+
+    def run(self, stop: threading.Event, on_fatal: Callable[[PluginError], None], sleep=None) -> None:
+        """Establish the identity (retrying with backoff) and keep it renewed until `stop` is set.
+
+        A `WrappingTokenError` is passed to `on_fatal` and ends the loop: it must not be retried.
+        """
+        wait = sleep or stop.wait
+        delay = RETRY_MIN
+        while not stop.is_set():
+            try:
+                issued = self._renew_or_establish()
+                delay = RETRY_MIN
+                wait(_renewal_delay(issued.ttl))
+            except WrappingTokenError as e:
+                on_fatal(e)
+                return
+            except PluginError as e:
+                with self._lock:
+                    self._problem = str(e)
+                log.warning("plugin identity not available (retrying in %.0fs): %s", delay, e)
+                wait(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, RETRY_MAX)
+
+    def _renew_or_establish(self) -> IssuedToken:
+        with self._lock:
+            current = self._current
+        if current is None:
+            return self.establish()
+        try:
+            renewed = self._vault.renew_self(current.token) if current.renewable else self._vault.lookup_self(current.token)
+        except VaultUnavailableError:
+            raise
+        except VaultError:
+            log.warning("the plugin identity (accessor %s) could not be renewed; authenticating again", current.accessor)
+            with self._lock:
+                self._current = None
+            self._store.forget_identity()
+            return self.establish()
+        with self._lock:
+            self._current = renewed
+        return renewed
+
+
+def _renewal_delay(ttl: int) -> float:
+    """Renew at about two thirds of the TTL, with jitter; periodic and non-expiring tokens are checked hourly."""
+    if ttl <= 0:
+        return RENEW_MAX_SLEEP
+    return min(ttl * random.uniform(0.6, 0.7), RENEW_MAX_SLEEP)

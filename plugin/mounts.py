@@ -1,0 +1,124 @@
+"""Per-mount tmpfs: the only module that mounts and unmounts.
+
+Layout for one mount: `<root>/<volume>/<mount id>/data` is a private tmpfs the plugin writes into, and
+`<root>/<volume>/<mount id>/view` a read-only bind of it, which is what dockerd bind-mounts into the
+container. Both carry `nodev,nosuid,noexec`. Files are written as the OpenBao agent's file sink does:
+temp file, owner and mode, then rename, so a reader never sees a partial file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from plugin.errors import MountError
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MNT_DETACH = 0x2
+_HARDENED = MS_NOSUID | MS_NODEV | MS_NOEXEC
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def _mount(source: str, target: Path, fstype: str | None, flags: int, data: str | None = None) -> None:
+    rc = _libc.mount(
+        source.encode(), str(target).encode(), fstype.encode() if fstype else None, flags, data.encode() if data else None
+    )
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(target))
+
+
+def _umount(target: Path) -> None:
+    if _libc.umount2(str(target).encode(), MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOENT):  # not a mount point (any more): nothing to undo
+            raise OSError(err, os.strerror(err), str(target))
+
+
+def directory_mode(file_mode: int) -> int:
+    """The tmpfs root's mode: whoever may read a file may list and enter the directory, nobody may write."""
+    readable = file_mode & 0o444
+    return readable | (readable >> 2)
+
+
+class TmpfsMounter:
+    """Creates and removes the tmpfs of each mount under `root`. Raises `MountError` on OS failures."""
+
+    def __init__(self, root: Path):
+        self._root = root
+
+    def view_path(self, volume: str, mount_id: str) -> Path:
+        return self._root / volume / mount_id / "view"
+
+    def is_mounted(self, volume: str, mount_id: str) -> bool:
+        return os.path.ismount(self.view_path(volume, mount_id))
+
+    def mount(self, volume: str, mount_id: str, files: Mapping[str, bytes], *, uid: int, gid: int, mode: int, size: int) -> Path:
+        """Mount a fresh tmpfs holding `files` and return its read-only view.
+
+        On failure everything made so far is removed before `MountError` is raised.
+        """
+        base = self._root / volume / mount_id
+        data, view = base / "data", base / "view"
+        try:
+            self._root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            (self._root / volume).mkdir(mode=0o700, exist_ok=True)
+            base.mkdir(mode=0o700)
+            data.mkdir(mode=0o700)
+            view.mkdir(mode=0o700)
+            options = f"size={size},nr_inodes={len(files) * 2 + 16},mode={directory_mode(mode):o},uid={uid},gid={gid}"
+            _mount("tmpfs", data, "tmpfs", _HARDENED, options)
+            for name, content in files.items():
+                write_atomically(data, name, content, uid=uid, gid=gid, mode=mode)
+            _mount(str(data), view, None, MS_BIND)
+            # A bind mount ignores flags on creation; they take effect only on a remount.
+            _mount("none", view, None, MS_REMOUNT | MS_BIND | MS_RDONLY | _HARDENED)
+        except OSError as e:
+            self._remove(volume, mount_id)
+            raise MountError(f"could not create the tmpfs for volume {volume}: {e.strerror} ({e.filename})") from e
+        return view
+
+    def unmount(self, volume: str, mount_id: str) -> None:
+        """Unmount the view and the tmpfs and remove their directories. Unknown mounts are a no-op."""
+        try:
+            self._remove(volume, mount_id)
+        except OSError as e:
+            raise MountError(f"could not remove the tmpfs of volume {volume}: {e.strerror} ({e.filename})") from e
+
+    def _remove(self, volume: str, mount_id: str) -> None:
+        base = self._root / volume / mount_id
+        for path in (base / "view", base / "data"):
+            _umount(path)
+        for path in (base / "view", base / "data", base, self._root / volume):
+            try:
+                path.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                if e.errno != errno.ENOTEMPTY or path == base:
+                    raise
+
+
+def write_atomically(directory: Path, name: str, content: bytes, *, uid: int, gid: int, mode: int) -> None:
+    """Write `directory/name` via a temp file renamed over it: readers see the old or the new file, whole."""
+    temp = directory / f".{name}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, mode)
+        view = memoryview(content)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+    os.rename(temp, directory / name)

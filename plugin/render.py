@@ -1,0 +1,55 @@
+"""Secret data read from Vault -> the bytes of each file of a mount. Pure: no I/O.
+
+Error messages name paths, fields and keys, never values.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from plugin.errors import SecretFormatError
+from plugin.spec import SecretFile, Spec
+
+_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def render_files(spec: Spec, secrets: Mapping[str, Mapping[str, Any]]) -> dict[str, bytes]:
+    """Render every file of `spec` from `secrets` (Vault path -> secret data).
+
+    Raises `SecretFormatError` if a field is missing or the data cannot take the requested format.
+    """
+    return {f.name: render_file(f, secrets[f.path]) for f in spec.files}
+
+
+def render_file(file: SecretFile, data: Mapping[str, Any]) -> bytes:
+    if file.format == "raw":
+        if file.field not in data:
+            fields = ", ".join(sorted(map(str, data))) or "none"
+            raise SecretFormatError(
+                f"secret {file.path} has no field {file.field!r} (file {file.name}); its fields are: {fields}"
+            )
+        return _scalar(data[file.field]).encode()
+    if file.format == "json":
+        return (json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+    return "".join(_env_line(file, key, value) for key, value in sorted(data.items())).encode()
+
+
+def _env_line(file: SecretFile, key: str, value: Any) -> str:
+    """One `KEY='value'` line that `sh` sources back to exactly `value`."""
+    if not _ENV_KEY.fullmatch(key):
+        raise SecretFormatError(
+            f"secret {file.path} has key {key[:60]!r}, which is not a shell variable name; "
+            f"file {file.name} cannot use format env (use json, or a raw file per field)"
+        )
+    text = _scalar(value)
+    if "\0" in text:
+        raise SecretFormatError(f"secret {file.path} key {key} contains a NUL byte, which format env cannot carry")
+    return f"{key}='" + text.replace("'", "'\\''") + "'\n"
+
+
+def _scalar(value: Any) -> str:
+    """Strings are written exactly as stored; anything else (numbers, nested objects) as JSON."""
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False)

@@ -1,0 +1,134 @@
+"""Wiring and serving: builds the components from `Settings` and runs them under gunicorn.
+
+gunicorn's arbiter binds the Unix socket before the worker starts, so dockerd can connect while the
+worker is still authenticating to Vault. One worker with threads: the refcount locks and background
+threads live in that worker, started after the fork (sockets, SQLite and threads do not survive one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import stat
+import sys
+import threading
+
+from flask import Flask
+from gunicorn.app.base import BaseApplication
+
+from plugin.app import create_app
+from plugin.driver import Driver
+from plugin.errors import PluginError, StateError
+from plugin.identity import Identity
+from plugin.mounts import TmpfsMounter
+from plugin.seal import Sealer
+from plugin.settings import Settings
+from plugin.store import Store
+from plugin.vault import Vault
+
+log = logging.getLogger(__name__)
+
+# gunicorn's arbiter halts with this status when a worker exits with it ("worker failed to boot").
+WORKER_BOOT_ERROR = 3
+REVOCATION_RETRY_SECONDS = 30.0
+
+
+@dataclasses.dataclass
+class Service:
+    driver: Driver
+    identity: Identity
+    store: Store
+    stop: threading.Event
+
+
+def prepare_state_dir(settings: Settings) -> None:
+    """Create the state directory 0700, or refuse one that others can read."""
+    settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mode = stat.S_IMODE(settings.state_dir.stat().st_mode)
+    if mode & 0o077:
+        raise StateError(f"state directory {settings.state_dir} is accessible to others (mode {mode:o}): chmod 0700 it")
+
+
+def build_service(settings: Settings) -> Service:
+    """Construct every component; nothing here talks to Vault."""
+    prepare_state_dir(settings)
+    store = Store(settings.database_path, Sealer.load_or_create(settings.key_path))
+    vault = Vault(settings.vault_addr, cacert=settings.vault_cacert, namespace=settings.vault_namespace, timeout=settings.vault_timeout)
+    identity = Identity(
+        vault,
+        store,
+        approle_mount=settings.approle_mount,
+        role_id=settings.role_id,
+        wrapped_secret_id_file=settings.wrapped_secret_id_file,
+    )
+    driver = Driver(store, vault, identity, TmpfsMounter(settings.mount_root), hostname=settings.hostname)
+    return Service(driver, identity, store, threading.Event())
+
+
+def start_background(service: Service) -> None:
+    """Start the identity thread and the maintenance thread (reconcile, then retry owed revocations)."""
+    threading.Thread(target=service.identity.run, args=(service.stop, _halt), name="identity", daemon=True).start()
+    threading.Thread(target=_maintain, args=(service,), name="maintenance", daemon=True).start()
+
+
+def _maintain(service: Service) -> None:
+    try:
+        service.driver.reconcile()
+    except PluginError as e:
+        log.error("reconciliation of stale mounts failed: %s", e)
+    while not service.stop.wait(REVOCATION_RETRY_SECONDS):
+        try:
+            service.driver.retry_pending_revocations()
+        except PluginError as e:
+            log.warning("retrying owed revocations failed: %s", e)
+
+
+def _halt(error: PluginError) -> None:
+    """Stop the whole plugin (not just this worker): used for security events that must not be retried."""
+    log.critical("stopping the plugin: %s", error)
+    logging.shutdown()
+    os._exit(WORKER_BOOT_ERROR)
+
+
+class PluginServer(BaseApplication):
+    """gunicorn running the plugin on a Unix socket with one threaded worker."""
+
+    def __init__(self, settings: Settings, *, threads: int = 16, log_level: str = "info"):
+        self._settings = settings
+        self._threads = threads
+        self._log_level = log_level
+        super().__init__()
+
+    def load_config(self) -> None:
+        self._settings.socket.parent.mkdir(parents=True, exist_ok=True)
+        for key, value in {
+            "bind": [f"unix:{self._settings.socket}"],
+            "workers": 1,
+            "worker_class": "gthread",
+            "threads": self._threads,
+            "umask": 0o177,  # socket mode 0600: root (dockerd) only
+            "timeout": 150,  # above dockerd's 2 min Mount deadline: never kill a worker mid-Mount
+            "graceful_timeout": 10,
+            "loglevel": self._log_level,
+            "proc_name": "vault-secrets-plugin",
+            # gunicorn >= 25 opens a root control socket in $HOME by default; the plugin needs none.
+            "control_socket_disable": True,
+        }.items():
+            if key in self.cfg.settings:
+                self.cfg.set(key, value)
+
+    def load(self) -> Flask:
+        # Runs in the worker, after the fork.
+        service = build_service(self._settings)
+        start_background(service)
+        return create_app(service.driver)
+
+
+def serve(settings: Settings, *, log_level: str = "info") -> None:
+    logging.basicConfig(
+        level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    os.umask(0o077)  # the database, its journal and anything else the plugin creates: root only
+    prepare_state_dir(settings)
+    PluginServer(settings, log_level=log_level).run()

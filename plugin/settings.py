@@ -1,0 +1,36 @@
+"""The plugin's configuration: one frozen object, built once by the CLI and passed in."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything `serve` needs, already resolved from flags and environment.
+
+    `vault_cacert` is a CA bundle path or None (system trust store). `role_id` is the AppRole RoleID,
+    which is an identifier, not a secret. `wrapped_secret_id_file` holds a single-use wrapping token.
+    """
+
+    socket: Path
+    state_dir: Path
+    mount_root: Path
+    vault_addr: str
+    vault_cacert: str | None = None
+    vault_namespace: str | None = None
+    vault_timeout: float = 5.0
+    approle_mount: str = "approle"
+    role_id: str | None = None
+    wrapped_secret_id_file: Path | None = None
+    hostname: str = ""
+
+    @property
+    def database_path(self) -> Path:
+        return self.state_dir / "state.db"
+
+    @property
+    def key_path(self) -> Path:
+        """The sealing key lives beside, not inside, the database: copying one file is not enough."""
+        return self.state_dir / "seal.key"

@@ -1,0 +1,188 @@
+"""Volume options (`docker volume create -o`, compose `driver_opts`) -> a validated `Spec`.
+
+Pure: no I/O. Everything a user can get wrong is caught here, at Create, with a message naming the
+option and the accepted forms, so that Mount only fails for reasons that lie in Vault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Literal
+
+from plugin.errors import InvalidOptionError
+
+Format = Literal["raw", "json", "env"]
+FORMATS: tuple[Format, ...] = ("raw", "json", "env")
+
+DEFAULT_TTL = 3600
+MIN_TTL = 5
+MAX_TTL = 768 * 3600
+DEFAULT_SIZE = 1 << 20
+MAX_SIZE = 16 << 20
+MIN_SIZE = 4 << 10
+DEFAULT_MODE = 0o400
+MAX_FILES = 64
+MAX_ID = 2**32 - 2
+
+# A file name is one conservative path component: no separators, no NUL, no leading dot (so no
+# `.`, `..` or hidden files), nothing a shell or a path join could reinterpret.
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_ROLE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_PATH_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@:+=-]{0,254}")
+_DURATION_PART = re.compile(r"(\d+)([smhd])")
+_SIZE = re.compile(r"(\d+)([kKmM]?)")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+SCALAR_OPTIONS = ("role", "ttl", "uid", "gid", "mode", "size")
+FILE_OPTION_PREFIXES = ("secret.", "format.")
+
+
+@dataclasses.dataclass(frozen=True)
+class SecretFile:
+    """One file of the volume: `name` holds `field` of the secret at Vault API `path` (all of it if None)."""
+
+    name: str
+    path: str
+    field: str | None
+    format: Format
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """A volume's validated configuration. Holds no secret: only where secrets live and how to render them."""
+
+    role: str
+    files: tuple[SecretFile, ...]
+    ttl: int = DEFAULT_TTL
+    uid: int = 0
+    gid: int = 0
+    mode: int = DEFAULT_MODE
+    size: int = DEFAULT_SIZE
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """Distinct Vault paths, in first-use order: each is read once per mount however many files use it."""
+        return tuple(dict.fromkeys(f.path for f in self.files))
+
+
+def parse_spec(options: Mapping[str, str] | None) -> Spec:
+    """Validate `options` and return the `Spec`. Raises `InvalidOptionError` naming the first bad option."""
+    options = dict(options or {})
+    for key, value in options.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidOptionError("volume options must be strings (in compose, quote values such as mode: \"0440\")")
+        if key not in SCALAR_OPTIONS and not key.startswith(FILE_OPTION_PREFIXES):
+            raise InvalidOptionError(
+                f"unknown option {_show(key)}: accepted options are role, ttl, uid, gid, mode, size, "
+                "secret.<file>=<vault path>[#field] and format.<file>=raw|json|env"
+            )
+    role = options.get("role", "")
+    if not role:
+        raise InvalidOptionError("missing option role: give the Vault token role to mint per-container tokens from, e.g. -o role=web")
+    if not _ROLE_NAME.fullmatch(role):
+        raise InvalidOptionError(f"option role={_show(role)} is not a valid token role name (letters, digits, '.', '_', '-')")
+    files = _parse_files(options)
+    return Spec(
+        role=role,
+        files=files,
+        ttl=_parse_bounded("ttl", options.get("ttl"), parse_duration, DEFAULT_TTL, MIN_TTL, MAX_TTL, "a duration such as 90s, 15m, 1h or 1h30m"),
+        uid=_parse_bounded("uid", options.get("uid"), _parse_int, 0, 0, MAX_ID, "a numeric user id such as 1000"),
+        gid=_parse_bounded("gid", options.get("gid"), _parse_int, 0, 0, MAX_ID, "a numeric group id such as 1000"),
+        mode=_parse_mode(options.get("mode")),
+        size=_parse_bounded("size", options.get("size"), parse_size, DEFAULT_SIZE, MIN_SIZE, MAX_SIZE, "a size such as 512k or 1m (at most 16m)"),
+    )
+
+
+def _parse_files(options: Mapping[str, str]) -> tuple[SecretFile, ...]:
+    sources = {k.removeprefix("secret."): v for k, v in options.items() if k.startswith("secret.")}
+    formats = {k.removeprefix("format."): v for k, v in options.items() if k.startswith("format.")}
+    if not sources:
+        raise InvalidOptionError("no secret.<file> option: add at least one, e.g. -o secret.db_password=secret/data/web/db#password")
+    if len(sources) > MAX_FILES:
+        raise InvalidOptionError(f"too many secret.<file> options ({len(sources)}): at most {MAX_FILES} files per volume")
+    for name in formats:
+        if name not in sources:
+            raise InvalidOptionError(f"option format.{_show(name)} has no matching secret.{_show(name)} option")
+    files = []
+    for name, source in sources.items():
+        if not _FILE_NAME.fullmatch(name):
+            raise InvalidOptionError(
+                f"option secret.{_show(name)}: the file name must be one path component of letters, digits, "
+                "'.', '_' or '-', not starting with '.' (for example secret.db_password)"
+            )
+        path, field = _parse_source(name, source)
+        fmt = formats.get(name, "raw" if field is not None else "json")
+        if fmt not in FORMATS:
+            raise InvalidOptionError(f"option format.{name}={_show(fmt)}: accepted formats are raw, json and env")
+        if fmt == "raw" and field is None:
+            raise InvalidOptionError(f"option secret.{name}: format raw needs a field, e.g. {path}#password")
+        if fmt != "raw" and field is not None:
+            raise InvalidOptionError(f"option secret.{name}: format {fmt} renders the whole secret; drop #{field} or use format raw")
+        files.append(SecretFile(name=name, path=path, field=field, format=fmt))
+    return tuple(files)
+
+
+def _parse_source(name: str, source: str) -> tuple[str, str | None]:
+    path, sep, field = source.partition("#")
+    path = path.strip("/")
+    segments = path.split("/")
+    if len(segments) < 2 or not all(_PATH_SEGMENT.fullmatch(s) for s in segments):
+        raise InvalidOptionError(
+            f"option secret.{name}={_show(source)}: expected a Vault API path with an optional #field, "
+            "e.g. secret/data/web/db#password (KV v2) or kv/web/db#password (KV v1)"
+        )
+    if sep and not field:
+        raise InvalidOptionError(f"option secret.{name}: empty field after '#'")
+    if sep and any(c in field for c in "\x00/\n\r"):
+        raise InvalidOptionError(f"option secret.{name}: field {_show(field)} contains a forbidden character")
+    return path, (field if sep else None)
+
+
+def _parse_mode(raw: str | None) -> int:
+    if raw is None:
+        return DEFAULT_MODE
+    if not re.fullmatch(r"0?[0-7]{3}", raw):
+        raise InvalidOptionError(f"option mode={_show(raw)}: expected octal permissions such as 0400 or 0440")
+    mode = int(raw, 8)
+    if not mode & 0o400:
+        raise InvalidOptionError(f"option mode={raw}: the owner must be able to read the files (include 0400)")
+    return mode
+
+
+def _parse_bounded(name, raw, parse, default, low, high, accepted):
+    if raw is None:
+        return default
+    value = parse(raw)
+    if value is None or not low <= value <= high:
+        raise InvalidOptionError(f"option {name}={_show(raw)}: expected {accepted}")
+    return value
+
+
+def _parse_int(raw: str) -> int | None:
+    return int(raw) if raw.isascii() and raw.isdigit() else None
+
+
+def parse_duration(raw: str) -> int | None:
+    """`90`, `90s`, `15m`, `1h30m`, `2d` -> seconds; None if malformed."""
+    if raw.isascii() and raw.isdigit():
+        return int(raw)
+    parts = _DURATION_PART.findall(raw)
+    if not parts or "".join(n + u for n, u in parts) != raw:
+        return None
+    return sum(int(n) * _UNITS[u] for n, u in parts)
+
+
+def parse_size(raw: str) -> int | None:
+    """`4096`, `512k`, `1m` -> bytes; None if malformed."""
+    match = _SIZE.fullmatch(raw)
+    if not match:
+        return None
+    return int(match[1]) * {"": 1, "k": 1 << 10, "m": 1 << 20}[match[2].lower()]
+
+
+def _show(text: str, limit: int = 60) -> str:
+    """Quote user input for an error message: bounded and with control characters escaped."""
+    shown = repr(text[:limit])
+    return shown + ("..." if len(text) > limit else "")

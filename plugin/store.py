@@ -1,0 +1,261 @@
+"""Persistent state: volumes, active mounts, the plugin identity, consumed wrapping tokens. SQLite.
+
+The only module that touches the database. Tokens go in and come out in clear, but are written
+sealed (`Sealer`), each bound to the row it belongs to. One connection shared by the worker's threads,
+serialised by a lock: every operation is a few rows, so contention is negligible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from plugin.errors import StateError
+from plugin.seal import Sealer
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE volumes (
+    name TEXT PRIMARY KEY,
+    options TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE mounts (
+    volume TEXT NOT NULL,
+    mount_id TEXT NOT NULL,
+    refcount INTEGER NOT NULL,
+    mountpoint TEXT NOT NULL,
+    token BLOB NOT NULL,
+    accessor TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (volume, mount_id)
+);
+CREATE TABLE identity (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    token BLOB NOT NULL,
+    accessor TEXT NOT NULL,
+    obtained_at REAL NOT NULL
+);
+CREATE TABLE consumed_wrapping_tokens (
+    digest TEXT PRIMARY KEY,
+    consumed_at REAL NOT NULL
+);
+CREATE TABLE pending_revocations (
+    accessor TEXT PRIMARY KEY,
+    token BLOB NOT NULL,
+    since REAL NOT NULL
+);
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeRecord:
+    name: str
+    options: dict[str, str]
+    created_at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class MountRecord:
+    """An active (refcount > 0) or half-made (refcount 0, being set up or torn down) mount."""
+
+    volume: str
+    mount_id: str
+    refcount: int
+    mountpoint: str
+    token: str = dataclasses.field(repr=False)
+    accessor: str
+    created_at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class IdentityRecord:
+    token: str = dataclasses.field(repr=False)
+    accessor: str
+    obtained_at: float
+
+
+class Store:
+    """Transactional access to the state database. Raises `StateError` when the database is unusable."""
+
+    def __init__(self, path: Path, sealer: Sealer):
+        self._sealer = sealer
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode survives a process crash; after a power loss the tmpfs mounts are gone
+            # too and the tokens die by TTL, so paying an fsync per commit would buy nothing.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate(path)
+        except sqlite3.DatabaseError as e:
+            raise StateError(
+                f"state database {path} is damaged ({e}); restore it from backup or move it aside "
+                "(volumes would then have to be created again)"
+            ) from e
+
+    def _migrate(self, path: Path) -> None:
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise StateError(
+                f"state database {path} has schema version {version}, newer than this plugin's "
+                f"{SCHEMA_VERSION}: run the newer plugin version, or restore a backup"
+            )
+        if version == 0:
+            # executescript commits any open transaction first, so the script carries its own.
+            with self._lock:
+                self._db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- volumes --------------------------------------------------------------------------------
+
+    def add_volume(self, name: str, options: dict[str, str]) -> None:
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO volumes (name, options, created_at) VALUES (?, ?, ?)",
+                (name, json.dumps(options, sort_keys=True), time.time()),
+            )
+
+    def volume(self, name: str) -> VolumeRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT name, options, created_at FROM volumes WHERE name = ?", (name,)).fetchone()
+        return _volume(row) if row else None
+
+    def volumes(self) -> list[VolumeRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT name, options, created_at FROM volumes ORDER BY name").fetchall()
+        return [_volume(r) for r in rows]
+
+    def remove_volume(self, name: str) -> None:
+        with self._transaction():
+            self._db.execute("DELETE FROM volumes WHERE name = ?", (name,))
+
+    # -- mounts ---------------------------------------------------------------------------------
+
+    def add_mount(self, record: MountRecord) -> None:
+        sealed = self._sealer.seal(record.token, _mount_context(record.volume, record.mount_id))
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO mounts (volume, mount_id, refcount, mountpoint, token, accessor, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (record.volume, record.mount_id, record.refcount, record.mountpoint, sealed, record.accessor, record.created_at),
+            )
+
+    def set_refcount(self, volume: str, mount_id: str, refcount: int) -> None:
+        with self._transaction():
+            self._db.execute(
+                "UPDATE mounts SET refcount = ? WHERE volume = ? AND mount_id = ?", (refcount, volume, mount_id)
+            )
+
+    def mount(self, volume: str, mount_id: str) -> MountRecord | None:
+        rows = self._mount_rows("WHERE volume = ? AND mount_id = ?", (volume, mount_id))
+        return rows[0] if rows else None
+
+    def mounts(self, volume: str | None = None) -> list[MountRecord]:
+        if volume is None:
+            return self._mount_rows("", ())
+        return self._mount_rows("WHERE volume = ?", (volume,))
+
+    def remove_mount(self, volume: str, mount_id: str) -> None:
+        with self._transaction():
+            self._db.execute("DELETE FROM mounts WHERE volume = ? AND mount_id = ?", (volume, mount_id))
+
+    def _mount_rows(self, where: str, args: tuple) -> list[MountRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT volume, mount_id, refcount, mountpoint, token, accessor, created_at FROM mounts "
+                + where + " ORDER BY created_at",
+                args,
+            ).fetchall()
+        return [
+            MountRecord(v, m, rc, mp, self._sealer.unseal(tok, _mount_context(v, m)), acc, ts)
+            for v, m, rc, mp, tok, acc, ts in rows
+        ]
+
+    # -- plugin identity ------------------------------------------------------------------------
+
+    def save_identity(self, record: IdentityRecord) -> None:
+        sealed = self._sealer.seal(record.token, "identity")
+        with self._transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO identity (id, token, accessor, obtained_at) VALUES (1, ?, ?, ?)",
+                (sealed, record.accessor, record.obtained_at),
+            )
+
+    def identity(self) -> IdentityRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT token, accessor, obtained_at FROM identity WHERE id = 1").fetchone()
+        if not row:
+            return None
+        return IdentityRecord(self._sealer.unseal(row[0], "identity"), row[1], row[2])
+
+    def forget_identity(self) -> None:
+        with self._transaction():
+            self._db.execute("DELETE FROM identity")
+
+    def mark_wrapping_token_consumed(self, digest: str) -> None:
+        """Remember (by SHA-256 digest) a wrapping token this plugin used, so its reuse is recognised."""
+        with self._transaction():
+            self._db.execute(
+                "INSERT OR IGNORE INTO consumed_wrapping_tokens (digest, consumed_at) VALUES (?, ?)",
+                (digest, time.time()),
+            )
+
+    def wrapping_token_consumed_at(self, digest: str) -> float | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT consumed_at FROM consumed_wrapping_tokens WHERE digest = ?", (digest,)
+            ).fetchone()
+        return row[0] if row else None
+
+    def forget_wrapping_token(self, digest: str) -> None:
+        with self._transaction():
+            self._db.execute("DELETE FROM consumed_wrapping_tokens WHERE digest = ?", (digest,))
+
+    # -- revocations that could not reach Vault -------------------------------------------------
+
+    def add_pending_revocation(self, accessor: str, token: str) -> None:
+        sealed = self._sealer.seal(token, f"revoke:{accessor}")
+        with self._transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO pending_revocations (accessor, token, since) VALUES (?, ?, ?)",
+                (accessor, sealed, time.time()),
+            )
+
+    def pending_revocations(self) -> list[tuple[str, str]]:
+        """(accessor, token) pairs whose revocation is still owed to Vault."""
+        with self._lock:
+            rows = self._db.execute("SELECT accessor, token FROM pending_revocations ORDER BY since").fetchall()
+        return [(acc, self._sealer.unseal(tok, f"revoke:{acc}")) for acc, tok in rows]
+
+    def remove_pending_revocation(self, accessor: str) -> None:
+        with self._transaction():
+            self._db.execute("DELETE FROM pending_revocations WHERE accessor = ?", (accessor,))
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+
+def _volume(row) -> VolumeRecord:
+    return VolumeRecord(row[0], json.loads(row[1]), row[2])
+
+
+def _mount_context(volume: str, mount_id: str) -> str:
+    return f"mount:{volume}:{mount_id}"

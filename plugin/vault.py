@@ -1,0 +1,188 @@
+"""The Vault/OpenBao adapter: the only module that imports hvac.
+
+Every call passes its token explicitly: hvac would otherwise pick up `VAULT_TOKEN`, `~/.vault-token`
+or CA variables from the environment. hvac and requests errors are translated here, once, into the
+plugin's error family; callers never see an hvac exception. Messages name the operation and path,
+never a token or a secret value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import hvac
+import hvac.exceptions
+import requests
+import requests.adapters
+
+from plugin.errors import VaultError, VaultUnavailableError, WrappingTokenError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class IssuedToken:
+    """A Vault token with what Vault said of it at issue or renewal. `ttl` is in seconds."""
+
+    token: str = dataclasses.field(repr=False)
+    accessor: str
+    ttl: int
+    renewable: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class WrapInfo:
+    """What `sys/wrapping/lookup` reveals of a wrapping token without consuming it."""
+
+    creation_path: str
+    creation_time: str
+    ttl: int
+
+
+class Vault:
+    """A connection to one Vault server. Thread-safe: HTTP connections are pooled and kept alive."""
+
+    def __init__(self, addr: str, *, cacert: str | None = None, namespace: str | None = None, timeout: float = 5.0):
+        self._addr = addr.rstrip("/")
+        self._verify: str | bool = cacert or True
+        self._namespace = namespace or None
+        self._timeout = timeout
+        self._session = requests.Session()
+        # Configuration is explicit: no proxy, CA bundle or .netrc credentials picked up from the environment.
+        self._session.trust_env = False
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=32)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+
+    def _client(self, token: str) -> hvac.Client:
+        # token="" rather than None: None makes hvac read VAULT_TOKEN / ~/.vault-token.
+        return hvac.Client(
+            url=self._addr,
+            token=token,
+            verify=self._verify,
+            cert=False,
+            timeout=self._timeout,
+            namespace=self._namespace,
+            session=self._session,
+        )
+
+    # -- response wrapping ----------------------------------------------------------------------
+
+    def lookup_wrapping(self, wrapping_token: str) -> WrapInfo:
+        """Inspect a wrapping token without consuming it. Raises `WrappingTokenError` if it is not valid."""
+        try:
+            response = self._call(
+                "look up the wrapping token",
+                lambda: self._client("").adapter.post("/v1/sys/wrapping/lookup", json={"token": wrapping_token}),
+            )
+        except VaultUnavailableError:
+            raise
+        except VaultError as e:
+            raise WrappingTokenError("the wrapping token is not valid: it was already unwrapped, or it expired") from e
+        data = response["data"]
+        return WrapInfo(data["creation_path"], data["creation_time"], int(data["creation_ttl"]))
+
+    def unwrap(self, wrapping_token: str) -> Mapping[str, Any]:
+        """Consume a wrapping token and return the wrapped response. Raises `WrappingTokenError` if refused."""
+        try:
+            # hvac sends the wrapping token as X-Vault-Token and nothing in the body.
+            return self._call("unwrap the wrapping token", lambda: self._client(wrapping_token).sys.unwrap())
+        except VaultUnavailableError:
+            raise
+        except VaultError as e:
+            raise WrappingTokenError("the wrapping token was refused at unwrap: someone else unwrapped it first") from e
+
+    # -- tokens ---------------------------------------------------------------------------------
+
+    def approle_login(self, mount: str, role_id: str, secret_id: str) -> IssuedToken:
+        response = self._call(
+            f"log in with AppRole at auth/{mount}",
+            lambda: self._client("").auth.approle.login(role_id=role_id, secret_id=secret_id, mount_point=mount),
+        )
+        return _issued(response["auth"])
+
+    def mint_child(self, parent: str, role: str, ttl: int, meta: Mapping[str, str], display_name: str) -> IssuedToken:
+        """Create a child token of `parent` from token role `role`."""
+        response = self._call(
+            f"create a token from token role {role!r} (auth/token/create/{role})",
+            lambda: self._client(parent).auth.token.create(
+                role_name=role, ttl=f"{ttl}s", meta=dict(meta), renewable=True, display_name=display_name
+            ),
+        )
+        return _issued(response["auth"])
+
+    def lookup_self(self, token: str) -> IssuedToken:
+        response = self._call("look up the plugin token", lambda: self._client(token).auth.token.lookup_self())
+        data = response["data"]
+        return IssuedToken(token, data["accessor"], int(data["ttl"]), bool(data.get("renewable")))
+
+    def renew_self(self, token: str) -> IssuedToken:
+        response = self._call("renew a token", lambda: self._client(token).auth.token.renew_self())
+        return _issued(response["auth"])
+
+    def revoke_self(self, token: str) -> None:
+        """Revoke `token` and with it its children and leases. A token Vault no longer knows counts as revoked."""
+        try:
+            self._call("revoke a token", lambda: self._client(token).auth.token.revoke_self())
+        except VaultUnavailableError:
+            raise
+        except VaultError as e:
+            if not isinstance(e.__cause__, hvac.exceptions.Forbidden):
+                raise
+            log.debug("token already invalid at revocation; nothing left to revoke")
+
+    # -- secrets --------------------------------------------------------------------------------
+
+    def read_secret(self, token: str, path: str) -> Mapping[str, Any]:
+        """Read the secret at Vault API `path` and return its data (for KV v2, `data.data`)."""
+        response = self._call(f"read {path}", lambda: self._client(token).read(path))
+        if not response or response.get("data") is None:
+            raise VaultError(f"Vault has no secret at {path}: check the path (KV v2 paths contain /data/)")
+        data = response["data"]
+        if _is_kv2(path, data):
+            if data["data"] is None:
+                raise VaultError(f"the current version of {path} is deleted: write a new version or undelete it")
+            return data["data"]
+        return data
+
+    # -- error translation ----------------------------------------------------------------------
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        # SSLError is a ConnectionError: catch it first for the more useful message.
+        except requests.exceptions.SSLError as e:
+            raise VaultUnavailableError(f"TLS to Vault at {self._addr} failed: set VAULT_CACERT to the CA that signed its certificate") from e
+        except (requests.ConnectionError, requests.Timeout) as e:
+            raise VaultUnavailableError(
+                f"Vault at {self._addr} is unreachable (could not {what} within {self._timeout:g}s): "
+                "check that it is running and that VAULT_ADDR is right"
+            ) from e
+        except (hvac.exceptions.VaultDown, hvac.exceptions.BadGateway) as e:
+            raise VaultUnavailableError(f"Vault at {self._addr} is sealed or down (could not {what})") from e
+        except hvac.exceptions.Forbidden as e:
+            raise VaultError(f"Vault denied permission to {what}: {_reasons(e)}") from e
+        except hvac.exceptions.InvalidPath as e:
+            raise VaultError(f"Vault found nothing to {what} (404): check the path") from e
+        except hvac.exceptions.VaultError as e:
+            raise VaultError(f"Vault refused to {what}: {_reasons(e)}") from e
+
+
+def _issued(auth: Mapping[str, Any]) -> IssuedToken:
+    return IssuedToken(auth["client_token"], auth["accessor"], int(auth["lease_duration"]), bool(auth["renewable"]))
+
+
+def _is_kv2(path: str, data: Mapping[str, Any]) -> bool:
+    """KV v2 answers `{data, metadata}` under a `<mount>/data/...` path."""
+    return "/data/" in f"/{path}" and set(data) == {"data", "metadata"} and isinstance(data["metadata"], dict)
+
+
+def _reasons(e: hvac.exceptions.VaultError) -> str:
+    # Vault's error strings describe the failure ("permission denied", "role not found"); they do not
+    # echo the request's token. Bounded in case a server sends something long.
+    reasons = "; ".join(str(r) for r in (e.errors or [])) or "no reason given"
+    return reasons[:300]
