@@ -105,14 +105,16 @@ def seed_demo(root: hvac.Client, *, token_role: str = DEMO_ROLE, child_max_ttl: 
     if "kv1/" not in root.sys.list_mounted_secrets_engines()["data"]:
         root.sys.enable_secrets_engine("kv", path="kv1", options={"version": "1"})
     for path, data in DEMO_KV1.items():
-        root.write(path, **data)
+        root.write_data(path, data=data)
     root.sys.create_or_update_policy(
         token_role,
         f'path "secret/data/{token_role}/*" {{ capabilities = ["read"] }}\n'
         f'path "kv1/{token_role}/*" {{ capabilities = ["read"] }}\n',
     )
-    root.write(f"auth/token/roles/{token_role}", allowed_policies=token_role, renewable=True,
-               token_explicit_max_ttl=child_max_ttl)
+    root.write_data(
+        f"auth/token/roles/{token_role}",
+        data={"allowed_policies": token_role, "renewable": True, "token_explicit_max_ttl": child_max_ttl},
+    )
     root.sys.create_or_update_policy(
         PLUGIN_POLICY, f'path "auth/token/create/{token_role}" {{ capabilities = ["update"] }}\n'
     )
@@ -128,4 +130,4 @@ def seed_demo(root: hvac.Client, *, token_role: str = DEMO_ROLE, child_max_ttl: 
 
 def wrapped_secret_id(root: hvac.Client, approle: str = PLUGIN_APPROLE, wrap_ttl: str = "10m") -> str:
     """A single-use wrapping token around a fresh SecretID of `approle`."""
-    return root.write(f"auth/approle/role/{approle}/secret-id", wrap_ttl=wrap_ttl)["wrap_info"]["token"]
+    return root.write_data(f"auth/approle/role/{approle}/secret-id", wrap_ttl=wrap_ttl)["wrap_info"]["token"]

