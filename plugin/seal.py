@@ -59,7 +59,10 @@ class Sealer:
 
 
 def _read_key(key_path: Path) -> bytes:
-    fd = os.open(key_path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        fd = os.open(key_path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise StateError(f"cannot open seal key {key_path} ({e.strerror}): it must be a regular file, mode 0600") from e
     with os.fdopen(fd, "rb") as f:
         info = os.fstat(f.fileno())
         if stat.S_IMODE(info.st_mode) & 0o077:

@@ -31,8 +31,8 @@ MAX_ID = 2**32 - 2
 _FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _ROLE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _PATH_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@:+=-]{0,254}")
-_DURATION_PART = re.compile(r"(\d+)([smhd])")
-_SIZE = re.compile(r"(\d+)([kKmM]?)")
+_DURATION_PART = re.compile(r"([0-9]{1,9})([smhd])")
+_SIZE = re.compile(r"([0-9]{1,12})([kKmM]?)")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 SCALAR_OPTIONS = ("role", "ttl", "uid", "gid", "mode", "size")
@@ -74,7 +74,9 @@ def parse_spec(options: Mapping[str, str] | None) -> Spec:
     options = dict(options or {})
     for key, value in options.items():
         if not isinstance(key, str) or not isinstance(value, str):
-            raise InvalidOptionError("volume options must be strings (in compose, quote values such as mode: \"0440\")")
+            raise InvalidOptionError(
+                f"option {_show(str(key))} must be a string (in compose, quote values such as mode: \"0440\")"
+            )
         if key in TOKEN_OPTIONS:
             raise InvalidOptionError(
                 f"option {key} is refused: volume options are shown to anyone with Docker API access "
@@ -124,9 +126,11 @@ def _parse_files(options: Mapping[str, str]) -> tuple[SecretFile, ...]:
         if fmt not in FORMATS:
             raise InvalidOptionError(f"option format.{name}={_show(fmt)}: accepted formats are raw, json and env")
         if fmt == "raw" and field is None:
-            raise InvalidOptionError(f"option secret.{name}: format raw needs a field, e.g. {path}#password")
+            raise InvalidOptionError(f"option secret.{name}: format raw needs a field, e.g. {_show(path)}#password")
         if fmt != "raw" and field is not None:
-            raise InvalidOptionError(f"option secret.{name}: format {fmt} renders the whole secret; drop #{field} or use format raw")
+            raise InvalidOptionError(
+                f"option secret.{name}: format {fmt} renders the whole secret; drop #{_show(field)} or use format raw"
+            )
         files.append(SecretFile(name=name, path=path, field=field, format=fmt))
     return tuple(files)
 
@@ -168,12 +172,12 @@ def _parse_bounded(name, raw, parse, default, low, high, accepted):
 
 
 def _parse_int(raw: str) -> int | None:
-    return int(raw) if raw.isascii() and raw.isdigit() else None
+    return int(raw) if re.fullmatch(r"[0-9]{1,12}", raw) else None
 
 
 def parse_duration(raw: str) -> int | None:
     """`90`, `90s`, `15m`, `1h30m`, `2d` -> seconds; None if malformed."""
-    if raw.isascii() and raw.isdigit():
+    if re.fullmatch(r"[0-9]{1,12}", raw):
         return int(raw)
     parts = _DURATION_PART.findall(raw)
     if not parts or "".join(n + u for n, u in parts) != raw:

@@ -87,14 +87,18 @@ class Store:
     def __init__(self, path: Path, sealer: Sealer):
         self._sealer = sealer
         self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         try:
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode survives a process crash; after a power loss the tmpfs mounts are gone
             # too and the tokens die by TTL, so paying an fsync per commit would buy nothing.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._migrate(path)
+        except StateError:
+            self._db.close()
+            raise
         except sqlite3.DatabaseError as e:
+            self._db.close()
             raise StateError(
                 f"state database {path} is damaged ({e}); restore it from backup or move it aside "
                 "(volumes would then have to be created again)"

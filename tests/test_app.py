@@ -58,7 +58,7 @@ def test_create_with_null_opts_reports_missing_role(client):
         ("VolumeDriver.Create", {"Opts": {}}, "no volume Name"),
         ("VolumeDriver.Create", {"Name": 5}, "no volume Name"),
         ("VolumeDriver.Create", {"Name": "x", "Opts": ["a"]}, "Opts must be an object"),
-        ("VolumeDriver.Create", {"Name": "x", "Opts": {"role": 1}}, "must be strings"),
+        ("VolumeDriver.Create", {"Name": "x", "Opts": {"role": 1}}, "option 'role' must be a string"),
         ("VolumeDriver.Mount", {"Name": "web"}, "no mount ID"),
         ("VolumeDriver.Mount", {"Name": "web", "ID": "../../x"}, "invalid mount ID"),
         ("VolumeDriver.Get", {"Name": "missing"}, "no vault-secrets volume named 'missing'"),

@@ -33,22 +33,24 @@ def refusal(opts: dict) -> str:
 
 
 def test_full_example_gives_every_field():
-    spec = parse_spec({
-        "role": "web.api-1",
-        "ttl": "15m",
-        "uid": "1000",
-        "gid": "2000",
-        "mode": "0440",
-        "size": "512k",
-        "secret.db_password": "secret/data/web/db#password",
-        "secret.db_user": "secret/data/web/db#username",
-        "secret.api.json": "/secret/data/web/api/",
-        "secret.app.env": "kv/web/app",
-        "secret.tls-key": "pki/issue/web#private_key",
-        "format.app.env": "env",
-        "format.api.json": "json",
-        "format.db_user": "raw",
-    })
+    spec = parse_spec(
+        {
+            "role": "web.api-1",
+            "ttl": "15m",
+            "uid": "1000",
+            "gid": "2000",
+            "mode": "0440",
+            "size": "512k",
+            "secret.db_password": "secret/data/web/db#password",
+            "secret.db_user": "secret/data/web/db#username",
+            "secret.api.json": "/secret/data/web/api/",
+            "secret.app.env": "kv/web/app",
+            "secret.tls-key": "pki/issue/web#private_key",
+            "format.app.env": "env",
+            "format.api.json": "json",
+            "format.db_user": "raw",
+        }
+    )
 
     assert spec == Spec(
         role="web.api-1",
@@ -68,14 +70,16 @@ def test_full_example_gives_every_field():
 
 
 def test_paths_are_distinct_in_first_use_order():
-    spec = parse_spec({
-        "role": "web",
-        "secret.c": "kv/c#x",
-        "secret.a1": "kv/a#x",
-        "secret.c2": "kv/c#y",
-        "secret.b": "kv/b#x",
-        "secret.a2": "kv/a#y",
-    })
+    spec = parse_spec(
+        {
+            "role": "web",
+            "secret.c": "kv/c#x",
+            "secret.a1": "kv/a#x",
+            "secret.c2": "kv/c#y",
+            "secret.b": "kv/b#x",
+            "secret.a2": "kv/a#y",
+        }
+    )
 
     assert spec.paths == ("kv/c", "kv/a", "kv/b")
 
@@ -105,10 +109,17 @@ def test_ttl_durations(raw, seconds):
     assert parse_spec(options(ttl=raw)).ttl == seconds
 
 
-@pytest.mark.parametrize(("key", "raw", "value"), [
-    ("uid", "0", 0), ("uid", "1000", 1000), ("uid", "4294967294", 2**32 - 2),
-    ("gid", "0", 0), ("gid", "65534", 65534), ("gid", "4294967294", 2**32 - 2),
-])
+@pytest.mark.parametrize(
+    ("key", "raw", "value"),
+    [
+        ("uid", "0", 0),
+        ("uid", "1000", 1000),
+        ("uid", "4294967294", 2**32 - 2),
+        ("gid", "0", 0),
+        ("gid", "65534", 65534),
+        ("gid", "4294967294", 2**32 - 2),
+    ],
+)
 def test_ids(key, raw, value):
     assert getattr(parse_spec(options(**{key: raw})), key) == value
 
@@ -167,6 +178,14 @@ def test_none_options_is_refused_for_missing_role():
 )
 def test_refusals_name_the_option(changes, named):
     assert named in refusal(options(**changes))
+
+
+@pytest.mark.parametrize("key", ["token", "vault-token", "vault_token", "VAULT_TOKEN"])
+def test_plain_token_options_are_refused_without_echoing_the_token(key):
+    message = refusal({**VALID, key: "hvs.PLAIN-TOKEN-VALUE"})
+
+    assert f"option {key} is refused" in message
+    assert "PLAIN-TOKEN-VALUE" not in message
 
 
 @pytest.mark.parametrize(
@@ -249,7 +268,7 @@ def test_more_than_64_files():
     [("uid", 1000), ("ttl", 3600), ("size", None), ("secret.db_password", b"kv/web#password"), ("role", ["web"])],
 )
 def test_non_string_values_are_refused(key, value):
-    assert "strings" in refusal({**VALID, key: value})
+    assert f"option {key!r} must be a string" in refusal({**VALID, key: value})
 
 
 def test_non_string_value_refusal_names_the_option():

@@ -1,0 +1,124 @@
+"""End to end: a real dockerd (hermetic, started here) uses the plugin as a legacy plugin socket, a real
+OpenBao holds the secrets, and containers run as a non-root user."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require, require_root
+from tests.support.plugin import PluginProcess
+
+pytestmark = [pytest.mark.docker, pytest.mark.openbao]
+
+SECRET = "correct-horse-battery-staple"
+PLUGINS_DIR = Path("/run/docker/plugins")
+
+
+@pytest.fixture(scope="session")
+def docker(tmp_path_factory):
+    require_root()
+    require(shutil.which("dockerd") is not None or Path("/usr/sbin/dockerd").exists(), "dockerd", "apt-get install docker.io")
+    require(Path("/bin/busybox").exists(), "busybox", "apt-get install busybox-static")
+    from tests.support.dockerd import Dockerd
+    from tests.support.images import build_busybox_image
+
+    daemon = Dockerd.start(tmp_path_factory.mktemp("dockerd"))
+    try:
+        daemon.image = build_busybox_image(daemon)
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture
+def plugin(bao, docker, short_tmp, unique_name):
+    """The plugin as a legacy plugin named `unique_name`: dockerd finds `<name>.sock` on first use."""
+    PLUGINS_DIR.mkdir(parents=True, exist_ok=True)
+    socket = PLUGINS_DIR / f"{unique_name}.sock"
+    process = PluginProcess(socket, short_tmp / "state", bao.addr, role_id=bao.seed.role_id,
+                            wrapped_secret_id_file=bao.write_wrapped_secret_id(short_tmp / "wrapped"),
+                            log_path=short_tmp / "plugin.log")
+    process.name = unique_name
+    process.mount_root = short_tmp / "state" / "mounts"
+    try:
+        yield process.wait_until_serving().wait_until_authenticated()
+    finally:
+        for volume in docker.docker("volume", "ls", "-q", "--filter", f"driver={unique_name}", check=False).stdout.split():
+            docker.docker("volume", "rm", "-f", volume, check=False)
+        process.stop()
+        socket.unlink(missing_ok=True)
+
+
+def create_volume(docker, plugin, name, *options):
+    opts = [a for o in ("role=web", "secret.db_password=secret/data/web/db#password", "uid=1000", *options) for a in ("-o", o)]
+    docker.docker("volume", "create", "-d", plugin.name, *opts, name)
+
+
+def run(docker, *args, check=True):
+    return docker.docker("run", "--rm", "--network", "none", *args, check=check)
+
+
+def live_tmpfs_below(root: Path) -> list[str]:
+    return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if line.split()[4].startswith(f"{root}/")]
+
+
+def test_non_root_container_reads_its_secret_and_cannot_write(docker, plugin, bao, unique_name):
+    create_volume(docker, plugin, unique_name)
+    out = run(docker, "--user", "1000", "-v", f"{unique_name}:/run/secrets:ro", docker.image,
+              "sh", "-c", "id -u; cat /run/secrets/db_password; echo; stat -c '%u %a' /run/secrets/db_password")
+    assert out.stdout.split() == ["1000", SECRET, "1000", "400"]
+    # Without :ro and even as root inside the container, the volume stays read-only.
+    for user in ("1000", "0"):
+        denied = run(docker, "--user", user, "-v", f"{unique_name}:/run/secrets", docker.image,
+                     "sh", "-c", "echo x > /run/secrets/db_password", check=False)
+        assert denied.returncode != 0 and "Read-only file system" in denied.stderr
+    other_user = run(docker, "--user", "2000", "-v", f"{unique_name}:/s", docker.image, "cat", "/s/db_password", check=False)
+    assert other_user.returncode != 0 and "Permission denied" in other_user.stderr
+    assert live_tmpfs_below(plugin.mount_root) == []
+    assert bao.accessors_with_meta(volume=unique_name) == []
+
+
+def test_two_containers_get_separate_tmpfs_and_tokens_revoked_at_exit(docker, plugin, bao, unique_name):
+    create_volume(docker, plugin, unique_name)
+    containers = [
+        docker.docker("run", "-d", "--network", "none", "--user", "1000", "-v", f"{unique_name}:/run/secrets:ro",
+                      docker.image, "sleep", "60").stdout.strip()
+        for _ in range(2)
+    ]
+    try:
+        for container in containers:
+            assert docker.docker("exec", container, "cat", "/run/secrets/db_password").stdout == SECRET
+        views = [m for m in live_tmpfs_below(plugin.mount_root) if m.endswith("/view")]
+        assert len(views) == 2 and views[0] != views[1]
+        accessors = bao.accessors_with_meta(volume=unique_name)
+        assert len(accessors) == 2
+        inspect = json.loads(docker.docker("volume", "inspect", unique_name).stdout)[0]
+        assert inspect["Status"] == {"activeMounts": 2}
+        assert SECRET not in json.dumps(inspect)
+        removal = docker.docker("volume", "rm", unique_name, check=False)
+        assert removal.returncode != 0
+    finally:
+        docker.docker("rm", "-f", *containers)
+    assert live_tmpfs_below(plugin.mount_root) == []
+    assert not any(bao.token_valid(a) for a in accessors)
+    docker.docker("volume", "rm", unique_name)
+    assert unique_name not in docker.docker("volume", "ls", "-q").stdout.split()
+
+
+def test_mount_failure_reaches_docker_run_as_a_clear_error(docker, plugin, bao, unique_name):
+    create_volume(docker, plugin, unique_name, "secret.other=secret/data/other/x#y")
+    failed = run(docker, "--user", "1000", "-v", f"{unique_name}:/s:ro", docker.image, "true", check=False)
+    assert failed.returncode != 0
+    assert "denied permission to read secret/data/other/x" in failed.stderr
+    assert live_tmpfs_below(plugin.mount_root) == []
+    assert bao.accessors_with_meta(volume=unique_name) == []
+
+
+def test_bad_options_are_refused_at_create(docker, plugin, unique_name):
+    refused = docker.docker("volume", "create", "-d", plugin.name, "-o", "role=web", "-o", "secret.../x=a/b", unique_name, check=False)
+    assert refused.returncode != 0 and "one path component" in refused.stderr

@@ -1,0 +1,317 @@
+"""store.Store: the SQLite state, with tokens sealed at rest. Real SQLite files under tmp_path."""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from plugin.errors import StateError
+from plugin.seal import Sealer
+from plugin.store import SCHEMA_VERSION, IdentityRecord, MountRecord, Store, VolumeRecord
+
+OPTIONS = {"role": "web", "secret.db_password": "secret/data/web/db#password"}
+
+
+@pytest.fixture
+def db_path(tmp_path) -> Path:
+    return tmp_path / "state.db"
+
+
+@pytest.fixture
+def sealer() -> Sealer:
+    return Sealer(os.urandom(32))
+
+
+@pytest.fixture
+def store(db_path, sealer) -> Iterator[Store]:
+    store = Store(db_path, sealer)
+    yield store
+    store.close()
+
+
+def mount_record(volume: str = "web", mount_id: str = "c1", refcount: int = 1, created_at: float = 1000.0) -> MountRecord:
+    return MountRecord(
+        volume=volume,
+        mount_id=mount_id,
+        refcount=refcount,
+        mountpoint=f"/run/vs/{volume}/{mount_id}",
+        token=f"hvs.token-of-{volume}-{mount_id}",
+        accessor=f"accessor-of-{volume}-{mount_id}",
+        created_at=created_at,
+    )
+
+
+# -- volumes ------------------------------------------------------------------------------------
+
+
+def test_volume_add_and_get(store):
+    before = time.time()
+    store.add_volume("web", OPTIONS)
+
+    record = store.volume("web")
+
+    assert (record.name, record.options) == ("web", OPTIONS)
+    assert before <= record.created_at <= time.time()
+
+
+def test_unknown_volume_is_none(store):
+    assert store.volume("nope") is None
+
+
+def test_volumes_are_listed_by_name(store):
+    for name in ["b", "c", "a"]:
+        store.add_volume(name, {"role": name})
+
+    assert [(v.name, v.options) for v in store.volumes()] == [("a", {"role": "a"}), ("b", {"role": "b"}), ("c", {"role": "c"})]
+
+
+def test_volume_remove(store):
+    store.add_volume("web", OPTIONS)
+    store.add_volume("db", OPTIONS)
+
+    store.remove_volume("web")
+
+    assert store.volume("web") is None
+    assert [v.name for v in store.volumes()] == ["db"]
+
+
+def test_state_persists_across_a_new_store(db_path, sealer):
+    first = Store(db_path, sealer)
+    first.add_volume("web", OPTIONS)
+    first.add_mount(mount_record())
+    first.save_identity(IdentityRecord("hvs.identity", "acc-identity", 5.0))
+    volume = first.volume("web")
+    assert isinstance(volume, VolumeRecord)
+    first.close()
+
+    second = Store(db_path, sealer)
+    try:
+        assert second.volumes() == [volume]
+        assert second.mounts() == [mount_record()]
+        assert second.identity() == IdentityRecord("hvs.identity", "acc-identity", 5.0)
+    finally:
+        second.close()
+
+
+# -- mounts -------------------------------------------------------------------------------------
+
+
+def test_mount_add_and_get(store):
+    store.add_mount(mount_record())
+
+    assert store.mount("web", "c1") == mount_record()
+    assert store.mount("web", "c1").token == "hvs.token-of-web-c1"
+
+
+@pytest.mark.parametrize(("volume", "mount_id"), [("web", "c2"), ("db", "c1"), ("", "")])
+def test_unknown_mount_is_none(store, volume, mount_id):
+    store.add_mount(mount_record())
+
+    assert store.mount(volume, mount_id) is None
+
+
+def test_set_refcount(store):
+    store.add_mount(mount_record(refcount=0))
+    store.add_mount(mount_record(mount_id="c2", refcount=0))
+
+    store.set_refcount("web", "c1", 3)
+
+    assert store.mount("web", "c1").refcount == 3
+    assert store.mount("web", "c2").refcount == 0
+
+
+def test_mounts_filter_by_volume_in_creation_order(store):
+    store.add_mount(mount_record("web", "late", created_at=3.0))
+    store.add_mount(mount_record("db", "only", created_at=2.0))
+    store.add_mount(mount_record("web", "early", created_at=1.0))
+
+    assert [m.mount_id for m in store.mounts("web")] == ["early", "late"]
+    assert [m.mount_id for m in store.mounts("db")] == ["only"]
+    assert store.mounts("other") == []
+    assert [(m.volume, m.mount_id) for m in store.mounts()] == [("web", "early"), ("db", "only"), ("web", "late")]
+
+
+def test_mount_remove(store):
+    store.add_mount(mount_record(mount_id="c1"))
+    store.add_mount(mount_record(mount_id="c2"))
+
+    store.remove_mount("web", "c1")
+
+    assert store.mount("web", "c1") is None
+    assert [m.mount_id for m in store.mounts()] == ["c2"]
+
+
+def test_mount_token_is_not_in_repr():
+    assert "hvs.token-of-web-c1" not in repr(mount_record())
+
+
+def test_concurrent_add_mount_from_20_threads(store):
+    barrier = threading.Barrier(20)
+
+    def add(i: int) -> None:
+        barrier.wait()
+        store.add_mount(mount_record(mount_id=f"c{i:02}", created_at=float(i)))
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        results = [pool.submit(add, i) for i in range(20)]
+    for result in results:
+        result.result()
+
+    assert store.mounts() == [mount_record(mount_id=f"c{i:02}", created_at=float(i)) for i in range(20)]
+
+
+# -- identity -----------------------------------------------------------------------------------
+
+
+def test_identity_save_load_forget(store):
+    assert store.identity() is None
+
+    store.save_identity(IdentityRecord("hvs.first", "acc-1", 1.0))
+    store.save_identity(IdentityRecord("hvs.second", "acc-2", 2.0))
+    assert store.identity() == IdentityRecord("hvs.second", "acc-2", 2.0)
+
+    store.forget_identity()
+    assert store.identity() is None
+
+
+def test_identity_token_is_not_in_repr():
+    assert "hvs.secret-identity" not in repr(IdentityRecord("hvs.secret-identity", "acc", 1.0))
+
+
+# -- consumed wrapping tokens -------------------------------------------------------------------
+
+
+def test_wrapping_token_mark_and_forget(store):
+    digest, other = "a" * 64, "b" * 64
+    before = time.time()
+
+    store.mark_wrapping_token_consumed(digest)
+
+    assert before <= store.wrapping_token_consumed_at(digest) <= time.time()
+    assert store.wrapping_token_consumed_at(other) is None
+    store.forget_wrapping_token(digest)
+    assert store.wrapping_token_consumed_at(digest) is None
+
+
+def test_wrapping_token_second_mark_keeps_first_time(db_path, store):
+    digest = "c" * 64
+    store.mark_wrapping_token_consumed(digest)
+    with sqlite3.connect(db_path) as db:
+        db.execute("UPDATE consumed_wrapping_tokens SET consumed_at = 1.0")
+    db.close()
+
+    store.mark_wrapping_token_consumed(digest)
+
+    assert store.wrapping_token_consumed_at(digest) == 1.0
+
+
+# -- pending revocations ------------------------------------------------------------------------
+
+
+def test_pending_revocations(store):
+    assert store.pending_revocations() == []
+
+    store.add_pending_revocation("acc-1", "hvs.one")
+    store.add_pending_revocation("acc-2", "hvs.two")
+    store.add_pending_revocation("acc-1", "hvs.one-again")
+    assert sorted(store.pending_revocations()) == [("acc-1", "hvs.one-again"), ("acc-2", "hvs.two")]
+
+    store.remove_pending_revocation("acc-1")
+    assert store.pending_revocations() == [("acc-2", "hvs.two")]
+
+
+# -- tokens at rest -----------------------------------------------------------------------------
+
+
+def database_bytes(db_path: Path) -> bytes:
+    files = [db_path, db_path.with_name(db_path.name + "-wal")]
+    return b"".join(f.read_bytes() for f in files if f.exists())
+
+
+def write_every_kind_of_token(store: Store) -> None:
+    store.add_mount(MountRecord("web", "c1", 1, "/run/vs/web/c1", "hvs.MOUNT-TOKEN-CLEAR", "ACCESSOR-MOUNT", 1.0))
+    store.save_identity(IdentityRecord("hvs.IDENTITY-TOKEN-CLEAR", "ACCESSOR-IDENTITY", 1.0))
+    store.add_pending_revocation("ACCESSOR-REVOKE", "hvs.REVOKE-TOKEN-CLEAR")
+
+
+TOKENS = [b"MOUNT-TOKEN-CLEAR", b"IDENTITY-TOKEN-CLEAR", b"REVOKE-TOKEN-CLEAR"]
+ACCESSORS = [b"ACCESSOR-MOUNT", b"ACCESSOR-IDENTITY", b"ACCESSOR-REVOKE"]
+
+
+def test_tokens_are_not_in_clear_in_the_open_database(db_path, store):
+    write_every_kind_of_token(store)
+
+    written = database_bytes(db_path)
+
+    assert db_path.with_name("state.db-wal").exists()
+    assert all(accessor in written for accessor in ACCESSORS)
+    assert not [token for token in TOKENS if token in written]
+
+
+def test_tokens_are_not_in_clear_in_the_closed_database(db_path, sealer):
+    store = Store(db_path, sealer)
+    write_every_kind_of_token(store)
+    store.close()
+
+    written = database_bytes(db_path)
+
+    assert all(accessor in written for accessor in ACCESSORS)
+    assert not [token for token in TOKENS if token in written]
+
+
+@pytest.mark.parametrize("read", [Store.mounts, Store.identity, Store.pending_revocations])
+def test_other_seal_key_fails_reading_a_token(db_path, sealer, read):
+    writer = Store(db_path, sealer)
+    write_every_kind_of_token(writer)
+    writer.close()
+
+    reader = Store(db_path, Sealer(os.urandom(32)))
+    try:
+        with pytest.raises(StateError, match="seal"):
+            read(reader)
+    finally:
+        reader.close()
+
+
+def test_sealed_token_copied_to_another_row_does_not_open(db_path, store):
+    store.add_mount(mount_record(mount_id="c1"))
+    store.add_mount(mount_record(mount_id="c2"))
+    with sqlite3.connect(db_path) as db:
+        db.execute("UPDATE mounts SET token = (SELECT token FROM mounts WHERE mount_id = 'c1') WHERE mount_id = 'c2'")
+    db.close()
+
+    with pytest.raises(StateError):
+        store.mount("web", "c2")
+
+
+# -- unusable databases -------------------------------------------------------------------------
+
+
+def test_newer_schema_version_is_refused(db_path, sealer):
+    Store(db_path, sealer).close()
+    with sqlite3.connect(db_path) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+
+    with pytest.raises(StateError, match=f"schema version {SCHEMA_VERSION + 1}"):
+        Store(db_path, sealer)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [random.Random(20240501).randbytes(16384), b"not a database\n" * 1000, b"SQLite format 3\x00" + b"\xff" * 4080],
+    ids=["random-bytes", "text", "damaged-header"],
+)
+def test_garbage_file_is_refused_with_state_error(db_path, sealer, content):
+    db_path.write_bytes(content)
+
+    with pytest.raises(StateError, match="damaged"):
+        Store(db_path, sealer)
