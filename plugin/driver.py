@@ -23,6 +23,7 @@ from plugin.errors import (
     VolumeInUseError,
     VolumeNotFoundError,
 )
+from plugin.leases import Renewer
 from plugin.mounts import TmpfsMounter
 from plugin.render import render_files
 from plugin.spec import parse_spec
@@ -44,8 +45,10 @@ class TokenSource(Protocol):
 class Driver:
     """Implements the volume verbs over the store, Vault, the plugin identity and the tmpfs mounter."""
 
-    def __init__(self, store: Store, vault: Vault, identity: TokenSource, mounter: TmpfsMounter, *, hostname: str):
+    def __init__(self, store: Store, vault: Vault, identity: TokenSource, mounter: TmpfsMounter, renewer: Renewer,
+                 *, hostname: str):
         self._store, self._vault, self._identity, self._mounter = store, vault, identity, mounter
+        self._renewer = renewer
         self._hostname = hostname
         self._locks: dict[object, list] = {}
         self._locks_guard = threading.Lock()
@@ -141,6 +144,7 @@ class Driver:
             except BaseException:
                 self._teardown(record)
                 raise
+            self._renewer.track((name, mount_id), child.token, child.ttl)
         audit.info("mount %s %s", name, mount_id, extra={"event": "mount", "volume": name, "mount_id": mount_id, "accessor": child.accessor})
         return str(view)
 
@@ -159,6 +163,7 @@ class Driver:
 
     def _teardown(self, record: MountRecord) -> None:
         """Revoke the mount's token, remove its tmpfs, forget it. Revocations Vault cannot take now are kept."""
+        self._renewer.forget((record.volume, record.mount_id))
         self._revoke(record.accessor, record.token, volume=record.volume, mount_id=record.mount_id)
         self._mounter.unmount(record.volume, record.mount_id)
         self._store.remove_mount(record.volume, record.mount_id)
@@ -175,12 +180,15 @@ class Driver:
     # -- recovery -------------------------------------------------------------------------------
 
     def reconcile(self) -> None:
-        """At start: undo mounts a crash left half-made and mounts whose tmpfs is gone (host reboot)."""
+        """At start: undo mounts a crash left half-made and mounts whose tmpfs is gone (host reboot);
+        resume renewing the tokens of the others (at once: how long they have left is not recorded)."""
         for record in self._store.mounts():
             if record.refcount == 0 or not self._mounter.is_mounted(record.volume, record.mount_id):
                 log.info("cleaning up stale mount %s of volume %s", record.mount_id, record.volume)
                 with self._hold((record.volume, record.mount_id)):
                     self._teardown(record)
+            else:
+                self._renewer.track((record.volume, record.mount_id), record.token, 0)
 
     def retry_pending_revocations(self) -> int:
         """Revoke tokens whose revocation failed earlier. Returns how many are still pending."""

@@ -21,6 +21,7 @@ from plugin.app import create_app
 from plugin.driver import Driver
 from plugin.errors import PluginError, StateError
 from plugin.identity import Identity
+from plugin.leases import Renewer
 from plugin.mounts import TmpfsMounter
 from plugin.seal import Sealer
 from plugin.settings import Settings
@@ -38,6 +39,7 @@ REVOCATION_RETRY_SECONDS = 30.0
 class Service:
     driver: Driver
     identity: Identity
+    renewer: Renewer
     store: Store
     stop: threading.Event
 
@@ -62,13 +64,15 @@ def build_service(settings: Settings) -> Service:
         role_id=settings.role_id,
         wrapped_secret_id_file=settings.wrapped_secret_id_file,
     )
-    driver = Driver(store, vault, identity, TmpfsMounter(settings.mount_root), hostname=settings.hostname)
-    return Service(driver, identity, store, threading.Event())
+    renewer = Renewer(vault.renew_self)
+    driver = Driver(store, vault, identity, TmpfsMounter(settings.mount_root), renewer, hostname=settings.hostname)
+    return Service(driver, identity, renewer, store, threading.Event())
 
 
 def start_background(service: Service) -> None:
-    """Start the identity thread and the maintenance thread (reconcile, then retry owed revocations)."""
+    """Start the identity, renewal and maintenance (reconcile, then retry owed revocations) threads."""
     threading.Thread(target=service.identity.run, args=(service.stop, _halt), name="identity", daemon=True).start()
+    threading.Thread(target=service.renewer.run, args=(service.stop,), name="renewer", daemon=True).start()
     threading.Thread(target=_maintain, args=(service,), name="maintenance", daemon=True).start()
 
 

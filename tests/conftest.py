@@ -21,7 +21,8 @@ from devenv.openbao import DemoSeed, OpenBaoDevServer, bao_binary, seed_demo, wr
 from plugin.driver import Driver  # noqa: E402
 from plugin.seal import Sealer  # noqa: E402
 from plugin.store import Store  # noqa: E402
-from tests.support.fakes import OPTIONS, FakeIdentity, FakeMounter, FakeVault  # noqa: E402
+from plugin.leases import Renewer  # noqa: E402
+from tests.support.fakes import OPTIONS, FakeClock, FakeIdentity, FakeMounter, FakeVault  # noqa: E402
 
 IN_CI = os.environ.get("CI") == "true"
 
@@ -141,7 +142,17 @@ def identity():
 
 
 @pytest.fixture
-def driver(store, vault, identity, mounter):
-    d = Driver(store, vault, identity, mounter, hostname="host-a")
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def renewer(vault, clock):
+    return Renewer(vault.renew_self, clock=clock, jitter=lambda low, high: low)
+
+
+@pytest.fixture
+def driver(store, vault, identity, mounter, renewer):
+    d = Driver(store, vault, identity, mounter, renewer, hostname="host-a")
     d.create("web", OPTIONS)
     return d

@@ -7,6 +7,7 @@ import threading
 import pytest
 
 from plugin.driver import Driver
+from plugin.leases import Renewer
 from plugin.errors import (
     IdentityUnavailableError,
     InvalidOptionError,
@@ -147,10 +148,12 @@ def test_revocation_owed_when_vault_is_down_is_retried(driver, vault, mounter, s
     assert vault.live == {}
 
 
-def test_state_survives_a_new_driver_which_can_unmount_and_revoke(driver, store, vault, identity, mounter):
+def test_state_survives_a_new_driver_which_can_unmount_and_revoke(driver, store, vault, identity, mounter, clock):
     path = driver.mount("web", "a1")
-    restarted = Driver(store, vault, identity, mounter, hostname="host-a")
-    restarted.reconcile()  # the tmpfs is still there: nothing to clean
+    renewer = Renewer(vault.renew_self, clock=clock)
+    restarted = Driver(store, vault, identity, mounter, renewer, hostname="host-a")
+    restarted.reconcile()  # the tmpfs is still there: nothing to clean, its token is renewed at once
+    assert renewer.renew_due() is not None and vault.renewed == ["acc-1"]
     assert restarted.mount("web", "a1") == path  # docker cp re-mounts the same ID
     restarted.unmount("web", "a1")
     restarted.unmount("web", "a1")
@@ -184,3 +187,14 @@ def test_concurrent_mounts_of_one_volume_are_all_isolated(driver, vault, mounter
     for i in range(30):
         driver.unmount("web", f"id{i}")
     assert vault.live == {} and driver._locks == {}
+
+
+def test_mounted_tokens_are_renewed_until_unmount(driver, vault, renewer, clock):
+    driver.mount("web", "a1")
+    assert renewer.renew_due() == pytest.approx(3600 * 0.6)
+    clock.advance(3600 * 0.6)
+    renewer.renew_due()
+    assert vault.renewed == ["acc-1"]
+    driver.unmount("web", "a1")
+    clock.advance(3600)
+    assert renewer.renew_due() is None and vault.renewed == ["acc-1"] and len(renewer) == 0

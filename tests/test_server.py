@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,15 @@ def test_no_token_or_secret_leaks_into_logs_state_or_process(start_plugin, bao, 
             assert needle not in content, f"a token or secret value leaked into {where}"
     plugin.client.ok("VolumeDriver.Unmount", {"Name": "web", "ID": MOUNT_ID})
     assert os.listdir(state / "mounts") == []
+
+
+def test_short_ttl_child_token_is_renewed_while_mounted(start_plugin, bao):
+    plugin = start_plugin()
+    plugin.client.ok("VolumeDriver.Create", {"Name": "short", "Opts": {**OPTIONS, "ttl": "6s"}})
+    plugin.client.ok("VolumeDriver.Mount", {"Name": "short", "ID": MOUNT_ID})
+    [accessor] = bao.accessors_with_meta(volume="short")
+    time.sleep(9)  # past the original TTL: only renewals keep it alive
+    data = bao.root.auth.token.lookup_accessor(accessor)["data"]
+    assert data["last_renewal_time"] and data["ttl"] > 0
+    plugin.client.ok("VolumeDriver.Unmount", {"Name": "short", "ID": MOUNT_ID})
+    assert not bao.token_valid(accessor)

@@ -24,6 +24,7 @@ class FakeVault:
         self.live: dict[str, str] = {}  # token -> accessor
         self.minted: list[tuple[str, dict]] = []
         self.reads: list[tuple[str, str]] = []
+        self.renewed: list[str] = []  # accessors, in renewal order
         self.unavailable = False
         self.denied_paths: set[str] = set()
         self._ids = itertools.count(1)
@@ -43,6 +44,13 @@ class FakeVault:
         if path in self.denied_paths:
             raise VaultError(f"Vault denied permission to read {path}: permission denied")
         return self.secrets[path]
+
+    def renew_self(self, token):
+        self._check()
+        if token not in self.live:
+            raise VaultError("Vault refused to renew a token: permission denied")
+        self.renewed.append(self.live[token])
+        return IssuedToken(token, self.live[token], 3600, True)
 
     def revoke_self(self, token):
         self._check()
@@ -83,3 +91,16 @@ class FakeIdentity:
         if self.problem:
             raise IdentityUnavailableError(self.problem)
         return "plugin-token"
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
