@@ -43,9 +43,13 @@ def main() -> int:
             "--vault-addr", bao.addr, "--role-id", seed.role_id, "--wrapped-secret-id-file", str(wrapped),
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("VAULT_")}
-        return subprocess.call(command, env=env)
-    except KeyboardInterrupt:
-        return 0
+        plugin = subprocess.Popen(command, env=env)
+        try:
+            return plugin.wait()
+        except KeyboardInterrupt:
+            # Not subprocess.call: it SIGKILLs the child on Ctrl-C, leaving the socket behind.
+            plugin.terminate()
+            return plugin.wait()
     finally:
         bao.stop()
         print("stopped OpenBao", flush=True)
