@@ -26,3 +26,6 @@ unit: venv
 
 clean:
 	rm -rf $(VENV) .run build *.egg-info
+
+# Packaging targets (managed plugin, host service) live beside their files.
+-include packaging/*.mk
