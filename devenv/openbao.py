@@ -116,7 +116,10 @@ def seed_demo(root: hvac.Client, *, token_role: str = DEMO_ROLE, child_max_ttl: 
         data={"allowed_policies": token_role, "renewable": True, "token_explicit_max_ttl": child_max_ttl},
     )
     root.sys.create_or_update_policy(
-        PLUGIN_POLICY, f'path "auth/token/create/{token_role}" {{ capabilities = ["update"] }}\n'
+        PLUGIN_POLICY,
+        f'path "auth/token/create/{token_role}" {{ capabilities = ["update"] }}\n'
+        # Only for volumes with token-file=: revoking the container's own token, which the plugin never holds.
+        'path "auth/token/revoke-accessor" { capabilities = ["update"] }\n',
     )
     if "approle/" not in root.sys.list_auth_methods()["data"]:
         root.sys.enable_auth_method("approle")

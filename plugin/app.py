@@ -17,6 +17,7 @@ from werkzeug.exceptions import HTTPException
 
 from plugin.driver import Driver
 from plugin.errors import InvalidOptionError, PluginError
+from plugin.identity import Identity
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,28 @@ def create_app(driver: Driver) -> Flask:
     route("VolumeDriver.List", lambda b: {"Volumes": driver.list(), "Err": ""})
     route("VolumeDriver.Capabilities", lambda b: {"Capabilities": driver.capabilities()})
 
+    _install_error_handlers(app)
+    return app
+
+
+def create_control_app(identity: Identity) -> Flask:
+    """Operator calls on the root-only control socket (never on dockerd's socket)."""
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+
+    @app.post("/Control.Bootstrap")
+    def bootstrap() -> Response:
+        token = _body().get("WrappingToken")
+        if not isinstance(token, str) or not token.strip():
+            raise InvalidOptionError("request has no WrappingToken")
+        issued = identity.bootstrap(token.strip())
+        return _reply({"Accessor": issued.accessor, "TTL": issued.ttl, "Err": ""})
+
+    _install_error_handlers(app)
+    return app
+
+
+def _install_error_handlers(app: Flask) -> None:
     @app.errorhandler(PluginError)
     def plugin_error(e: PluginError) -> Response:
         log.info("%s failed: %s", request.path.lstrip("/"), e)
@@ -52,15 +75,13 @@ def create_app(driver: Driver) -> Flask:
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException) -> Response:
-        return _reply({"Err": f"{e.code} {e.name}: {request.path} is not a volume plugin call this plugin accepts"
+        return _reply({"Err": f"{e.code} {e.name}: {request.path} is not a call this plugin accepts"
                        if e.code in (404, 405) else f"{e.code} {e.name}"}, e.code or 500)
 
     @app.errorhandler(Exception)
     def unexpected(e: Exception) -> Response:
         log.exception("unexpected error in %s", request.path)
         return _reply({"Err": "internal error in the vault-secrets plugin: see the plugin's log"}, 500)
-
-    return app
 
 
 def _reply(payload: dict[str, Any], status: int = 200) -> Response:

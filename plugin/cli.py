@@ -9,6 +9,7 @@ import click
 
 from plugin.errors import PluginError
 from plugin.settings import Settings
+from plugin.wrapping import DEFAULT_ALLOWED_PATHS
 
 
 @click.group()
@@ -35,10 +36,15 @@ def main() -> None:
               help="File holding the AppRole RoleID.")
 @click.option("--wrapped-secret-id-file", type=click.Path(path_type=Path, dir_okay=False),
               envvar="VAULT_SECRETS_WRAPPED_SECRET_ID_FILE", help="File holding a single-use wrapping token of an AppRole SecretID.")
+@click.option("--wrap-allowed-paths", envvar="VAULT_SECRETS_WRAP_ALLOWED_PATHS", default=",".join(DEFAULT_ALLOWED_PATHS),
+              show_default=True, help="Comma-separated glob patterns of creation paths accepted for wrapped-token= volumes.")
+@click.option("--control-socket", type=click.Path(path_type=Path), envvar="VAULT_SECRETS_CONTROL_SOCKET",
+              help="Root-only socket for operator commands.  [default: <state-dir>/control.sock]")
 @click.option("--log-level", envvar="VAULT_SECRETS_LOG_LEVEL", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def serve(socket_path, state_dir, mount_root, vault_addr, vault_cacert, vault_namespace, vault_timeout,
-          approle_mount, role_id, role_id_file, wrapped_secret_id_file, log_level) -> None:
+          approle_mount, role_id, role_id_file, wrapped_secret_id_file, wrap_allowed_paths, control_socket,
+          log_level) -> None:
     """Serve the volume plugin protocol on a Unix socket."""
     if role_id_file is not None:
         if role_id:
@@ -58,6 +64,8 @@ def serve(socket_path, state_dir, mount_root, vault_addr, vault_cacert, vault_na
         approle_mount=approle_mount,
         role_id=role_id,
         wrapped_secret_id_file=wrapped_secret_id_file,
+        wrap_allowed_paths=_allowed_paths(wrap_allowed_paths),
+        control_socket=control_socket,
         hostname=socket.gethostname(),
     )
     from plugin.server import serve as run  # gunicorn is imported only by the command that needs it
@@ -66,6 +74,36 @@ def serve(socket_path, state_dir, mount_root, vault_addr, vault_cacert, vault_na
         run(settings, log_level=log_level)
     except PluginError as e:
         raise click.ClickException(str(e)) from e
+
+
+@main.command()
+@click.option("--wrapped-secret-id-file", type=click.File("r"), required=True,
+              help="File holding a single-use wrapping token of a new AppRole SecretID ('-' for standard input).")
+@click.option("--state-dir", type=click.Path(path_type=Path), envvar="VAULT_SECRETS_STATE_DIR",
+              default="/var/lib/vault-secrets", show_default=True, help="The running plugin's state directory.")
+@click.option("--control-socket", type=click.Path(path_type=Path), envvar="VAULT_SECRETS_CONTROL_SOCKET",
+              help="The running plugin's control socket.  [default: <state-dir>/control.sock]")
+def bootstrap(wrapped_secret_id_file, state_dir, control_socket) -> None:
+    """Give a running plugin a new identity from a wrapped SecretID, without a restart."""
+    path = control_socket or state_dir / "control.sock"
+    token = wrapped_secret_id_file.read().strip()
+    if not token:
+        raise click.UsageError("the wrapped SecretID file is empty")
+    click.echo(f"handing the wrapped SecretID to the plugin on {path} ...", err=True)
+    from plugin.control import call
+
+    try:
+        reply = call(path, "Bootstrap", {"WrappingToken": token})
+    except PluginError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"plugin identity established (accessor {reply['Accessor']}, ttl {reply['TTL']}s)")
+
+
+def _allowed_paths(raw: str) -> tuple[str, ...]:
+    paths = tuple(p.strip() for p in raw.split(",") if p.strip())
+    if not paths:
+        raise click.BadParameter("give at least one pattern", param_hint="--wrap-allowed-paths")
+    return paths
 
 
 if __name__ == "__main__":

@@ -8,17 +8,21 @@ child token (and with it every lease it created) and removes the tmpfs.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol
 
+from plugin.credentials import unwrap_volume_credential
 from plugin.errors import (
     InvalidOptionError,
     PluginError,
+    VaultError,
     VaultUnavailableError,
     VolumeInUseError,
     VolumeNotFoundError,
@@ -26,9 +30,10 @@ from plugin.errors import (
 from plugin.leases import Renewer
 from plugin.mounts import TmpfsMounter
 from plugin.render import render_files
-from plugin.spec import parse_spec
+from plugin.spec import TOKEN_FILE_WRAP_TTL, parse_spec
 from plugin.store import MountRecord, Store, VolumeRecord
 from plugin.vault import Vault
+from plugin.wrapping import DEFAULT_ALLOWED_PATHS
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("plugin.audit")
@@ -46,9 +51,10 @@ class Driver:
     """Implements the volume verbs over the store, Vault, the plugin identity and the tmpfs mounter."""
 
     def __init__(self, store: Store, vault: Vault, identity: TokenSource, mounter: TmpfsMounter, renewer: Renewer,
-                 *, hostname: str):
+                 *, hostname: str, wrap_allowed_paths: Sequence[str] = DEFAULT_ALLOWED_PATHS):
         self._store, self._vault, self._identity, self._mounter = store, vault, identity, mounter
         self._renewer = renewer
+        self._wrap_allowed_paths = tuple(wrap_allowed_paths)
         self._hostname = hostname
         self._locks: dict[object, list] = {}
         self._locks_guard = threading.Lock()
@@ -56,30 +62,49 @@ class Driver:
     # -- verbs answered from local state --------------------------------------------------------
 
     def create(self, name: str, options: dict[str, str] | None) -> None:
-        """Validate and record a volume. Idempotent for identical options; needs no Vault."""
+        """Validate and record a volume. Idempotent for identical options.
+
+        A `role=` volume needs no Vault here; a `wrapped-token=` volume's token is checked and unwrapped
+        now, exactly once, and its credential kept sealed (only a digest of the spent token is stored).
+        """
         _check_volume_name(name)
         options = dict(options or {})
-        parse_spec(options)
+        spec = parse_spec(options)
+        stored = _stored_options(options)
         with self._hold(name):
             existing = self._store.volume(name)
             if existing is not None:
-                if existing.options != options:
+                if existing.options != stored:
                     raise InvalidOptionError(
                         f"volume {name} already exists with other options: remove it first (docker volume rm {name})"
                     )
                 return
-            self._store.add_volume(name, options)
+            credential = None
+            if spec.wrapped_token is not None:
+                credential, ttl = unwrap_volume_credential(self._vault, name, spec, self._wrap_allowed_paths)
+            try:
+                self._store.add_volume(name, stored, credential)
+            except BaseException:
+                if credential is not None:
+                    self._revoke(credential.accessor, credential.token, volume=name)
+                raise
+            if credential is not None:
+                self._renewer.track(("volume", name), credential.token, ttl)
         audit.info("volume.create %s", name, extra={"event": "volume.create", "volume": name})
 
     def remove(self, name: str) -> None:
-        """Forget a volume. Refused while mounted; removing an unknown volume succeeds."""
+        """Forget a volume (revoking its credential, if any). Refused while mounted; unknown volumes succeed."""
         with self._hold(name):
             active = [m for m in self._store.mounts(name) if m.refcount > 0]
             if active:
                 raise VolumeInUseError(
                     f"volume {name} is mounted by {len(active)} container(s): stop them before removing it"
                 )
+            credential = self._store.volume_credential(name)
             self._store.remove_volume(name)
+            if credential is not None:
+                self._renewer.forget(("volume", name))
+                self._revoke(credential.accessor, credential.token, volume=name)
         audit.info("volume.remove %s", name, extra={"event": "volume.remove", "volume": name})
 
     def get(self, name: str) -> dict:
@@ -124,32 +149,55 @@ class Driver:
             if record is not None:  # left half-made by a crash: finish undoing it first
                 self._teardown(record)
             spec = parse_spec(self._require_volume(name).options)
-            child = self._vault.mint_child(
-                self._identity.token(),
-                spec.role,
-                spec.ttl,
-                meta={"volume": name, "mount_id": mount_id, "host": self._hostname},
-                display_name=f"vault-secrets-{name}"[:100],
-            )
-            audit.info("token.mint %s %s", name, mount_id, extra={"event": "token.mint", "volume": name, "mount_id": mount_id, "accessor": child.accessor})
+            credential = self._store.volume_credential(name)
+            parent = credential.token if credential else self._identity.token()
+            meta = {"volume": name, "mount_id": mount_id, "host": self._hostname}
             view = self._mounter.view_path(name, mount_id)
+            if credential is not None and not credential.can_mint:
+                record = MountRecord(name, mount_id, 0, str(view), credential.token, credential.accessor, time.time(), owns_token=False)
+            else:
+                child = self._vault.mint_child(parent, spec.role, spec.ttl, meta, display_name=f"vault-secrets-{name}"[:100])
+                audit.info("token.mint %s %s", name, mount_id, extra={"event": "token.mint", "volume": name, "mount_id": mount_id, "accessor": child.accessor})
+                record = MountRecord(name, mount_id, 0, str(view), child.token, child.accessor, time.time())
             # Recorded (refcount 0) before anything else can fail, so a crash leaves a trace to undo.
-            record = MountRecord(name, mount_id, 0, str(view), child.token, child.accessor, time.time())
             self._store.add_mount(record)
             try:
-                secrets = {path: self._vault.read_secret(child.token, path) for path in spec.paths}
+                secrets = {path: self._vault.read_secret(record.token, path) for path in spec.paths}
                 files = render_files(spec, secrets)
+                if spec.token_file is not None:
+                    record, files[spec.token_file] = self._container_token(record, parent, spec, meta)
                 self._mounter.mount(name, mount_id, files, uid=spec.uid, gid=spec.gid, mode=spec.mode, size=spec.size)
                 self._store.set_refcount(name, mount_id, 1)
             except BaseException:
                 self._teardown(record)
                 raise
-            self._renewer.track((name, mount_id), child.token, child.ttl)
-        audit.info("mount %s %s", name, mount_id, extra={"event": "mount", "volume": name, "mount_id": mount_id, "accessor": child.accessor})
+            if record.owns_token:
+                self._renewer.track((name, mount_id), record.token, spec.ttl)
+        audit.info("mount %s %s", name, mount_id, extra={"event": "mount", "volume": name, "mount_id": mount_id, "accessor": record.accessor})
         return str(view)
 
+    def _container_token(self, record: MountRecord, parent: str, spec, meta: dict[str, str]) -> tuple[MountRecord, bytes]:
+        """Mint a token for the container itself, wrapped: the plugin only ever holds the wrapping token.
+
+        The inner token is revoked by accessor at Unmount, which needs that right on the parent.
+        """
+        if not self._vault.capabilities(parent, "auth/token/revoke-accessor") & {"update", "sudo", "root"}:
+            raise VaultError(
+                "token-file needs the plugin's token to be allowed to revoke the container's token at unmount: add "
+                'path "auth/token/revoke-accessor" { capabilities = ["update"] } to its policy'
+            )
+        wrapping, accessor = self._vault.mint_wrapped_child(
+            parent, spec.role, spec.ttl, {**meta, "purpose": "token-file"},
+            display_name=f"vault-secrets-{record.volume}-container"[:100], wrap_ttl=TOKEN_FILE_WRAP_TTL,
+        )
+        record = dataclasses.replace(record, container_token_accessor=accessor)
+        self._store.set_container_token_accessor(record.volume, record.mount_id, accessor)
+        audit.info("token.mint %s %s (token-file)", record.volume, record.mount_id,
+                   extra={"event": "token.mint", "volume": record.volume, "mount_id": record.mount_id, "accessor": accessor})
+        return record, wrapping.encode()
+
     def unmount(self, name: str, mount_id: str) -> None:
-        """Drop one reference; the last one revokes the child token and removes the tmpfs. Unknown IDs are fine."""
+        """Drop one reference; the last one revokes the mount's tokens and removes the tmpfs. Unknown IDs are fine."""
         with self._hold((name, mount_id)):
             record = self._store.mount(name, mount_id)
             if record is None:
@@ -162,11 +210,25 @@ class Driver:
         audit.info("unmount %s %s", name, mount_id, extra={"event": "unmount", "volume": name, "mount_id": mount_id})
 
     def _teardown(self, record: MountRecord) -> None:
-        """Revoke the mount's token, remove its tmpfs, forget it. Revocations Vault cannot take now are kept."""
+        """Revoke the mount's tokens, remove its tmpfs, forget it. Revocations Vault cannot take now are kept."""
         self._renewer.forget((record.volume, record.mount_id))
-        self._revoke(record.accessor, record.token, volume=record.volume, mount_id=record.mount_id)
+        where = {"volume": record.volume, "mount_id": record.mount_id}
+        if record.container_token_accessor is not None:
+            self._revoke_by_accessor(record.container_token_accessor, self._parent_token(record.volume), **where)
+        if record.owns_token:
+            self._revoke(record.accessor, record.token, **where)
         self._mounter.unmount(record.volume, record.mount_id)
         self._store.remove_mount(record.volume, record.mount_id)
+
+    def _parent_token(self, volume: str) -> str:
+        """The token a volume's mount tokens descend from ("" if the plugin has no identity right now)."""
+        credential = self._store.volume_credential(volume)
+        if credential is not None:
+            return credential.token
+        try:
+            return self._identity.token()
+        except PluginError:
+            return ""
 
     def _revoke(self, accessor: str, token: str, **where: str) -> None:
         try:
@@ -177,25 +239,39 @@ class Driver:
             return
         audit.info("token.revoke %s", accessor, extra={"event": "token.revoke", "accessor": accessor, **where})
 
+    def _revoke_by_accessor(self, accessor: str, parent: str, **where: str) -> None:
+        try:
+            self._vault.revoke_accessor(parent or self._identity.token(), accessor)
+        except PluginError as e:
+            self._store.add_pending_revocation(accessor, parent, by_accessor=True)
+            log.warning("could not revoke token %s now, will retry: %s", accessor, e)
+            return
+        audit.info("token.revoke %s", accessor, extra={"event": "token.revoke", "accessor": accessor, **where})
+
     # -- recovery -------------------------------------------------------------------------------
 
     def reconcile(self) -> None:
         """At start: undo mounts a crash left half-made and mounts whose tmpfs is gone (host reboot);
         resume renewing the tokens of the others (at once: how long they have left is not recorded)."""
+        for name, credential in self._store.volume_credentials().items():
+            self._renewer.track(("volume", name), credential.token, 0)
         for record in self._store.mounts():
             if record.refcount == 0 or not self._mounter.is_mounted(record.volume, record.mount_id):
                 log.info("cleaning up stale mount %s of volume %s", record.mount_id, record.volume)
                 with self._hold((record.volume, record.mount_id)):
                     self._teardown(record)
-            else:
+            elif record.owns_token:
                 self._renewer.track((record.volume, record.mount_id), record.token, 0)
 
     def retry_pending_revocations(self) -> int:
         """Revoke tokens whose revocation failed earlier. Returns how many are still pending."""
         pending = self._store.pending_revocations()
-        for accessor, token in pending:
+        for accessor, token, by_accessor in pending:
             try:
-                self._vault.revoke_self(token)
+                if by_accessor:
+                    self._vault.revoke_accessor(token or self._identity.token(), accessor)
+                else:
+                    self._vault.revoke_self(token)
             except VaultUnavailableError:
                 return len(pending)
             except PluginError as e:
@@ -230,6 +306,14 @@ class Driver:
                 entry[1] -= 1
                 if entry[1] == 0:
                     del self._locks[key]
+
+
+def _stored_options(options: dict[str, str]) -> dict[str, str]:
+    """Options as kept in state: a wrapping token only as its digest (spent, but still a token string)."""
+    if "wrapped-token" not in options:
+        return options
+    digest = hashlib.sha256(options["wrapped-token"].encode()).hexdigest()
+    return {**options, "wrapped-token": f"sha256:{digest}"}
 
 
 def _check_volume_name(name: str) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -26,9 +25,9 @@ from plugin.errors import (
 )
 from plugin.store import IdentityRecord, Store
 from plugin.vault import IssuedToken, Vault
+from plugin.wrapping import unwrap_checked
 
 log = logging.getLogger(__name__)
-audit = logging.getLogger("plugin.audit")
 
 RETRY_MIN, RETRY_MAX = 1.0, 60.0
 RENEW_MAX_SLEEP = 3600.0
@@ -88,41 +87,46 @@ class Identity:
         return issued
 
     def _bootstrap_from_wrapped_secret_id(self) -> IssuedToken:
-        wrapping_token = self._read_wrapping_token()
+        return self._login_with(self._read_wrapping_token(), source=f"--wrapped-secret-id-file {self._wrapped_file}")
+
+    def bootstrap(self, wrapping_token: str) -> IssuedToken:
+        """Replace the identity with one from a newly delivered wrapped SecretID (no restart needed).
+
+        Raises like `establish`; a refused token leaves the current identity, if any, in place.
+        """
+        issued = self._login_with(wrapping_token, source="the wrapped SecretID given to bootstrap")
+        with self._lock:
+            previous, self._current = self._current, issued
+        if previous is not None and previous.accessor != issued.accessor:
+            log.info("replaced the plugin identity (accessor %s) by bootstrap", previous.accessor)
+        return issued
+
+    def _login_with(self, wrapping_token: str, *, source: str) -> IssuedToken:
         digest = hashlib.sha256(wrapping_token.encode()).hexdigest()
         consumed_at = self._store.wrapping_token_consumed_at(digest)
         if consumed_at is not None:
             raise IdentityUnavailableError(
-                f"the wrapped SecretID in {self._wrapped_file} was already used by this plugin "
+                f"{source} was already used by this plugin "
                 f"({time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(consumed_at))}) and the identity it gave "
-                f"is no longer valid; write a new one: {self._issue_hint()}"
+                f"is no longer valid; deliver a new one: {self._issue_hint()}"
             )
         try:
-            info = self._vault.lookup_wrapping(wrapping_token)
-            expected = re.compile(rf"auth/{re.escape(self._approle_mount)}/role/[^/]+/secret-id")
-            if not expected.fullmatch(info.creation_path):
-                raise WrappingTokenError(
-                    f"the wrapping token in {self._wrapped_file} was created at {info.creation_path!r}, not at "
-                    f"auth/{self._approle_mount}/role/<role>/secret-id: it does not wrap an AppRole SecretID"
-                )
-            # Recorded before unwrapping: after a crash between the two, a restart must not mistake
-            # our own use of the token for someone else's.
-            self._store.mark_wrapping_token_consumed(digest)
-            try:
-                secret_id = self._vault.unwrap(wrapping_token)["data"]["secret_id"]
-            except WrappingTokenError:
-                self._store.forget_wrapping_token(digest)
-                raise
-        except WrappingTokenError as e:
-            audit.critical(
-                "wrap.tamper: %s (file %s). The SecretID may have been intercepted: revoke the AppRole's "
-                "SecretIDs (auth/%s/role/<role>/secret-id-accessor/destroy) and issue a new one",
-                e, self._wrapped_file, self._approle_mount, extra={"event": "wrap.tamper"},
+            unwrapped = unwrap_checked(
+                self._vault, wrapping_token, [f"auth/{self._approle_mount}/role/*/secret-id"], source=source,
+                # Recorded before unwrapping: after a crash between the two, a restart must not mistake
+                # our own use of the token for someone else's.
+                before_unwrap=lambda path: self._store.mark_wrapping_token_consumed(digest),
             )
-            raise WrappingTokenError(f"{e}. Possible interception: issue a new wrapped SecretID ({self._issue_hint()})") from e
-        issued = self._vault.approle_login(self._approle_mount, self._require_role_id(), secret_id)
+        except WrappingTokenError as e:
+            # Recorded only just before a successful unwrap: any refusal means we did not consume it.
+            self._store.forget_wrapping_token(digest)
+            raise WrappingTokenError(
+                f"{e}. Revoke the AppRole's SecretIDs (auth/{self._approle_mount}/role/<role>/secret-id-accessor/destroy) "
+                f"and issue a new wrapped SecretID: {self._issue_hint()}"
+            ) from e
+        issued = self._vault.approle_login(self._approle_mount, self._require_role_id(), unwrapped.response["data"]["secret_id"])
         self._store.save_identity(IdentityRecord(issued.token, issued.accessor, time.time()))
-        log.info("obtained the plugin identity from the wrapped SecretID (accessor %s, ttl %ss)", issued.accessor, issued.ttl)
+        log.info("obtained the plugin identity from %s (accessor %s, ttl %ss)", source, issued.accessor, issued.ttl)
         return issued
 
     def _read_wrapping_token(self) -> str:

@@ -13,11 +13,11 @@ import os
 import stat
 import sys
 import threading
+from collections.abc import Callable
 
-from flask import Flask
 from gunicorn.app.base import BaseApplication
 
-from plugin.app import create_app
+from plugin.app import create_app, create_control_app
 from plugin.driver import Driver
 from plugin.errors import PluginError, StateError
 from plugin.identity import Identity
@@ -65,7 +65,8 @@ def build_service(settings: Settings) -> Service:
         wrapped_secret_id_file=settings.wrapped_secret_id_file,
     )
     renewer = Renewer(vault.renew_self)
-    driver = Driver(store, vault, identity, TmpfsMounter(settings.mount_root), renewer, hostname=settings.hostname)
+    driver = Driver(store, vault, identity, TmpfsMounter(settings.mount_root), renewer, hostname=settings.hostname,
+                    wrap_allowed_paths=settings.wrap_allowed_paths)
     return Service(driver, identity, renewer, store, threading.Event())
 
 
@@ -95,6 +96,19 @@ def _halt(error: PluginError) -> None:
     os._exit(WORKER_BOOT_ERROR)
 
 
+class SocketDispatcher:
+    """WSGI app choosing the application by the Unix socket a connection came in on: control calls are
+    served on the control socket only, never on the socket dockerd (and so the Docker API) reaches."""
+
+    def __init__(self, default: Callable, by_socket: dict[str, Callable]):
+        self._default, self._by_socket = default, by_socket
+
+    def __call__(self, environ: dict, start_response: Callable):
+        connection = environ.get("gunicorn.socket")
+        name = connection.getsockname() if connection is not None else None
+        return self._by_socket.get(name, self._default)(environ, start_response)
+
+
 class PluginServer(BaseApplication):
     """gunicorn running the plugin on a Unix socket with one threaded worker."""
 
@@ -107,7 +121,7 @@ class PluginServer(BaseApplication):
     def load_config(self) -> None:
         self._settings.socket.parent.mkdir(parents=True, exist_ok=True)
         for key, value in {
-            "bind": [f"unix:{self._settings.socket}"],
+            "bind": [f"unix:{self._settings.socket}", f"unix:{self._settings.control_socket_path}"],
             "workers": 1,
             "worker_class": "gthread",
             "threads": self._threads,
@@ -122,11 +136,13 @@ class PluginServer(BaseApplication):
             if key in self.cfg.settings:
                 self.cfg.set(key, value)
 
-    def load(self) -> Flask:
+    def load(self) -> SocketDispatcher:
         # Runs in the worker, after the fork.
         service = build_service(self._settings)
         start_background(service)
-        return create_app(service.driver)
+        return SocketDispatcher(
+            create_app(service.driver), {str(self._settings.control_socket_path): create_control_app(service.identity)}
+        )
 
 
 def serve(settings: Settings, *, log_level: str = "info") -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from plugin.wrapping import DEFAULT_ALLOWED_PATHS
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
@@ -24,7 +26,14 @@ class Settings:
     approle_mount: str = "approle"
     role_id: str | None = None
     wrapped_secret_id_file: Path | None = None
+    wrap_allowed_paths: tuple[str, ...] = DEFAULT_ALLOWED_PATHS
+    control_socket: Path | None = None
     hostname: str = ""
+
+    @property
+    def control_socket_path(self) -> Path:
+        """Root-only socket for operator commands (bootstrap); kept in the state directory by default."""
+        return self.control_socket or self.state_dir / "control.sock"
 
     @property
     def database_path(self) -> Path:

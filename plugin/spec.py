@@ -35,7 +35,9 @@ _DURATION_PART = re.compile(r"([0-9]{1,9})([smhd])")
 _SIZE = re.compile(r"([0-9]{1,12})([kKmM]?)")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
-SCALAR_OPTIONS = ("role", "ttl", "uid", "gid", "mode", "size")
+SCALAR_OPTIONS = ("role", "wrapped-token", "role-id", "approle-mount", "token-file", "ttl", "uid", "gid", "mode", "size")
+TOKEN_FILE_WRAP_TTL = 300
+_WRAPPING_TOKEN = re.compile(r"[A-Za-z0-9._:+/=-]{1,1024}")
 FILE_OPTION_PREFIXES = ("secret.", "format.")
 # Names under which users try to hand over a plain token; refused with an explanation, not as "unknown".
 TOKEN_OPTIONS = ("token", "vault-token", "vault_token", "VAULT_TOKEN")
@@ -53,10 +55,18 @@ class SecretFile:
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-    """A volume's validated configuration. Holds no secret: only where secrets live and how to render them."""
+    """A volume's validated configuration: where secrets live, how to render them, whose tokens read them.
 
-    role: str
+    Tokens are minted from token role `role`, or from the credential unwrapped from `wrapped_token` at
+    Create (an AppRole SecretID when `role_id` is set). `wrapped_token` is single-use material only.
+    """
+
+    role: str | None
     files: tuple[SecretFile, ...]
+    wrapped_token: str | None = dataclasses.field(default=None, repr=False)
+    role_id: str | None = None
+    approle_mount: str = "approle"
+    token_file: str | None = None
     ttl: int = DEFAULT_TTL
     uid: int = 0
     gid: int = 0
@@ -84,18 +94,41 @@ def parse_spec(options: Mapping[str, str] | None) -> Spec:
             )
         if key not in SCALAR_OPTIONS and not key.startswith(FILE_OPTION_PREFIXES):
             raise InvalidOptionError(
-                f"unknown option {_show(key)}: accepted options are role, ttl, uid, gid, mode, size, "
-                "secret.<file>=<vault path>[#field] and format.<file>=raw|json|env"
+                f"unknown option {_show(key)}: accepted options are role, wrapped-token, role-id, approle-mount, "
+                "token-file, ttl, uid, gid, mode, size, secret.<file>=<vault path>[#field] and format.<file>=raw|json|env"
             )
-    role = options.get("role", "")
-    if not role:
-        raise InvalidOptionError("missing option role: give the Vault token role to mint per-container tokens from, e.g. -o role=web")
-    if not _ROLE_NAME.fullmatch(role):
+    role, wrapped_token = options.get("role"), options.get("wrapped-token")
+    if role is None and wrapped_token is None:
+        raise InvalidOptionError(
+            "missing option role: give the Vault token role to mint per-container tokens from, e.g. -o role=web "
+            "(or -o wrapped-token=<single-use wrapping token>)"
+        )
+    if role is not None and wrapped_token is not None:
+        raise InvalidOptionError("give role= or wrapped-token=, not both: each says where container tokens come from")
+    if role is not None and not _ROLE_NAME.fullmatch(role):
         raise InvalidOptionError(f"option role={_show(role)} is not a valid token role name (letters, digits, '.', '_', '-')")
-    files = _parse_files(options)
+    if wrapped_token is not None and not _WRAPPING_TOKEN.fullmatch(wrapped_token):
+        raise InvalidOptionError("option wrapped-token is not a Vault wrapping token (give the token itself, e.g. from -wrap-ttl=5m)")
+    for key in ("role-id", "approle-mount"):
+        if key in options and wrapped_token is None:
+            raise InvalidOptionError(f"option {key} only applies with wrapped-token= (a wrapped AppRole SecretID)")
+        if key in options and not _ROLE_NAME.fullmatch(options[key]):
+            raise InvalidOptionError(f"option {key}={_show(options[key])}: expected letters, digits, '.', '_' or '-'")
+    token_file = options.get("token-file")
+    files = _parse_files(options, allow_none=token_file is not None)
+    if token_file is not None:
+        if not _FILE_NAME.fullmatch(token_file):
+            raise InvalidOptionError(f"option token-file={_show(token_file)}: the file name must be one path component "
+                                     "of letters, digits, '.', '_' or '-', not starting with '.'")
+        if token_file in {f.name for f in files}:
+            raise InvalidOptionError(f"option token-file={token_file} names the same file as secret.{token_file}")
     return Spec(
         role=role,
         files=files,
+        wrapped_token=wrapped_token,
+        role_id=options.get("role-id"),
+        approle_mount=options.get("approle-mount", "approle"),
+        token_file=token_file,
         ttl=_parse_bounded("ttl", options.get("ttl"), parse_duration, DEFAULT_TTL, MIN_TTL, MAX_TTL, "a duration such as 90s, 15m, 1h or 1h30m"),
         uid=_parse_bounded("uid", options.get("uid"), _parse_int, 0, 0, MAX_ID, "a numeric user id such as 1000"),
         gid=_parse_bounded("gid", options.get("gid"), _parse_int, 0, 0, MAX_ID, "a numeric group id such as 1000"),
@@ -104,10 +137,10 @@ def parse_spec(options: Mapping[str, str] | None) -> Spec:
     )
 
 
-def _parse_files(options: Mapping[str, str]) -> tuple[SecretFile, ...]:
+def _parse_files(options: Mapping[str, str], allow_none: bool) -> tuple[SecretFile, ...]:
     sources = {k.removeprefix("secret."): v for k, v in options.items() if k.startswith("secret.")}
     formats = {k.removeprefix("format."): v for k, v in options.items() if k.startswith("format.")}
-    if not sources:
+    if not sources and not allow_none:
         raise InvalidOptionError("no secret.<file> option: add at least one, e.g. -o secret.db_password=secret/data/web/db#password")
     if len(sources) > MAX_FILES:
         raise InvalidOptionError(f"too many secret.<file> options ({len(sources)}): at most {MAX_FILES} files per volume")

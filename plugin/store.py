@@ -26,6 +26,12 @@ CREATE TABLE volumes (
     options TEXT NOT NULL,
     created_at REAL NOT NULL
 );
+CREATE TABLE volume_credentials (
+    volume TEXT PRIMARY KEY REFERENCES volumes (name) ON DELETE CASCADE,
+    token BLOB NOT NULL,
+    accessor TEXT NOT NULL,
+    can_mint INTEGER NOT NULL
+);
 CREATE TABLE mounts (
     volume TEXT NOT NULL,
     mount_id TEXT NOT NULL,
@@ -33,6 +39,8 @@ CREATE TABLE mounts (
     mountpoint TEXT NOT NULL,
     token BLOB NOT NULL,
     accessor TEXT NOT NULL,
+    owns_token INTEGER NOT NULL,
+    container_token_accessor TEXT,
     created_at REAL NOT NULL,
     PRIMARY KEY (volume, mount_id)
 );
@@ -49,6 +57,7 @@ CREATE TABLE consumed_wrapping_tokens (
 CREATE TABLE pending_revocations (
     accessor TEXT PRIMARY KEY,
     token BLOB NOT NULL,
+    by_accessor INTEGER NOT NULL,
     since REAL NOT NULL
 );
 """
@@ -62,8 +71,22 @@ class VolumeRecord:
 
 
 @dataclasses.dataclass(frozen=True)
+class VolumeCredential:
+    """The token unwrapped from a volume's `wrapped-token`: the parent of its mounts' tokens, or (when it
+    cannot mint children) the token its mounts read with."""
+
+    token: str = dataclasses.field(repr=False)
+    accessor: str
+    can_mint: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class MountRecord:
-    """An active (refcount > 0) or half-made (refcount 0, being set up or torn down) mount."""
+    """An active (refcount > 0) or half-made (refcount 0, being set up or torn down) mount.
+
+    `owns_token`: the token was minted for this mount and is revoked with it (else it is the volume's).
+    `container_token_accessor`: the token handed to the container wrapped in its token-file, if any.
+    """
 
     volume: str
     mount_id: str
@@ -72,6 +95,8 @@ class MountRecord:
     token: str = dataclasses.field(repr=False)
     accessor: str
     created_at: float
+    owns_token: bool = True
+    container_token_accessor: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,12 +147,29 @@ class Store:
 
     # -- volumes --------------------------------------------------------------------------------
 
-    def add_volume(self, name: str, options: dict[str, str]) -> None:
+    def add_volume(self, name: str, options: dict[str, str], credential: VolumeCredential | None = None) -> None:
         with self._transaction():
             self._db.execute(
                 "INSERT INTO volumes (name, options, created_at) VALUES (?, ?, ?)",
                 (name, json.dumps(options, sort_keys=True), time.time()),
             )
+            if credential is not None:
+                self._db.execute(
+                    "INSERT INTO volume_credentials (volume, token, accessor, can_mint) VALUES (?, ?, ?, ?)",
+                    (name, self._sealer.seal(credential.token, f"volume:{name}"), credential.accessor, credential.can_mint),
+                )
+
+    def volume_credential(self, name: str) -> VolumeCredential | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT token, accessor, can_mint FROM volume_credentials WHERE volume = ?", (name,)
+            ).fetchone()
+        return VolumeCredential(self._sealer.unseal(row[0], f"volume:{name}"), row[1], bool(row[2])) if row else None
+
+    def volume_credentials(self) -> dict[str, VolumeCredential]:
+        with self._lock:
+            rows = self._db.execute("SELECT volume, token, accessor, can_mint FROM volume_credentials").fetchall()
+        return {v: VolumeCredential(self._sealer.unseal(t, f"volume:{v}"), a, bool(c)) for v, t, a, c in rows}
 
     def volume(self, name: str) -> VolumeRecord | None:
         with self._lock:
@@ -141,6 +183,7 @@ class Store:
 
     def remove_volume(self, name: str) -> None:
         with self._transaction():
+            self._db.execute("DELETE FROM volume_credentials WHERE volume = ?", (name,))
             self._db.execute("DELETE FROM volumes WHERE name = ?", (name,))
 
     # -- mounts ---------------------------------------------------------------------------------
@@ -149,15 +192,22 @@ class Store:
         sealed = self._sealer.seal(record.token, _mount_context(record.volume, record.mount_id))
         with self._transaction():
             self._db.execute(
-                "INSERT INTO mounts (volume, mount_id, refcount, mountpoint, token, accessor, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (record.volume, record.mount_id, record.refcount, record.mountpoint, sealed, record.accessor, record.created_at),
+                "INSERT INTO mounts (volume, mount_id, refcount, mountpoint, token, accessor, owns_token,"
+                " container_token_accessor, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (record.volume, record.mount_id, record.refcount, record.mountpoint, sealed, record.accessor,
+                 record.owns_token, record.container_token_accessor, record.created_at),
             )
 
     def set_refcount(self, volume: str, mount_id: str, refcount: int) -> None:
         with self._transaction():
             self._db.execute(
                 "UPDATE mounts SET refcount = ? WHERE volume = ? AND mount_id = ?", (refcount, volume, mount_id)
+            )
+
+    def set_container_token_accessor(self, volume: str, mount_id: str, accessor: str) -> None:
+        with self._transaction():
+            self._db.execute(
+                "UPDATE mounts SET container_token_accessor = ? WHERE volume = ? AND mount_id = ?", (accessor, volume, mount_id)
             )
 
     def mount(self, volume: str, mount_id: str) -> MountRecord | None:
@@ -176,13 +226,13 @@ class Store:
     def _mount_rows(self, where: str, args: tuple) -> list[MountRecord]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT volume, mount_id, refcount, mountpoint, token, accessor, created_at FROM mounts "
-                + where + " ORDER BY created_at",
+                "SELECT volume, mount_id, refcount, mountpoint, token, accessor, created_at, owns_token,"
+                " container_token_accessor FROM mounts " + where + " ORDER BY created_at",
                 args,
             ).fetchall()
         return [
-            MountRecord(v, m, rc, mp, self._sealer.unseal(tok, _mount_context(v, m)), acc, ts)
-            for v, m, rc, mp, tok, acc, ts in rows
+            MountRecord(v, m, rc, mp, self._sealer.unseal(tok, _mount_context(v, m)), acc, ts, bool(own), cta)
+            for v, m, rc, mp, tok, acc, ts, own, cta in rows
         ]
 
     # -- plugin identity ------------------------------------------------------------------------
@@ -227,19 +277,21 @@ class Store:
 
     # -- revocations that could not reach Vault -------------------------------------------------
 
-    def add_pending_revocation(self, accessor: str, token: str) -> None:
+    def add_pending_revocation(self, accessor: str, token: str, *, by_accessor: bool = False) -> None:
+        """Owe Vault the revocation of the token behind `accessor`: with `token` itself (revoke-self), or
+        with `token`'s right to revoke by accessor when `by_accessor` (a token the plugin never held)."""
         sealed = self._sealer.seal(token, f"revoke:{accessor}")
         with self._transaction():
             self._db.execute(
-                "INSERT OR REPLACE INTO pending_revocations (accessor, token, since) VALUES (?, ?, ?)",
-                (accessor, sealed, time.time()),
+                "INSERT OR REPLACE INTO pending_revocations (accessor, token, by_accessor, since) VALUES (?, ?, ?, ?)",
+                (accessor, sealed, by_accessor, time.time()),
             )
 
-    def pending_revocations(self) -> list[tuple[str, str]]:
-        """(accessor, token) pairs whose revocation is still owed to Vault."""
+    def pending_revocations(self) -> list[tuple[str, str, bool]]:
+        """(accessor, token, by_accessor) of revocations still owed to Vault, oldest first."""
         with self._lock:
-            rows = self._db.execute("SELECT accessor, token FROM pending_revocations ORDER BY since").fetchall()
-        return [(acc, self._sealer.unseal(tok, f"revoke:{acc}")) for acc, tok in rows]
+            rows = self._db.execute("SELECT accessor, token, by_accessor FROM pending_revocations ORDER BY since").fetchall()
+        return [(acc, self._sealer.unseal(tok, f"revoke:{acc}"), bool(by)) for acc, tok, by in rows]
 
     def remove_pending_revocation(self, accessor: str) -> None:
         with self._transaction():

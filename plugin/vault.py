@@ -33,6 +33,11 @@ class IssuedToken:
     ttl: int
     renewable: bool
 
+    @classmethod
+    def from_auth(cls, auth: Mapping[str, Any]) -> "IssuedToken":
+        """From the `auth` block of a Vault response (login, token create, unwrapped token)."""
+        return cls(auth["client_token"], auth["accessor"], int(auth["lease_duration"]), bool(auth["renewable"]))
+
 
 @dataclasses.dataclass(frozen=True)
 class WrapInfo:
@@ -103,17 +108,52 @@ class Vault:
             f"log in with AppRole at auth/{mount}",
             lambda: self._client("").auth.approle.login(role_id=role_id, secret_id=secret_id, mount_point=mount),
         )
-        return _issued(response["auth"])
+        return IssuedToken.from_auth(response["auth"])
 
-    def mint_child(self, parent: str, role: str, ttl: int, meta: Mapping[str, str], display_name: str) -> IssuedToken:
-        """Create a child token of `parent` from token role `role`."""
+    def mint_child(self, parent: str, role: str | None, ttl: int, meta: Mapping[str, str], display_name: str) -> IssuedToken:
+        """Create a child token of `parent`: from token role `role`, or with the parent's policies if None."""
         response = self._call(
-            f"create a token from token role {role!r} (auth/token/create/{role})",
+            _minting(role),
             lambda: self._client(parent).auth.token.create(
                 role_name=role, ttl=f"{ttl}s", meta=dict(meta), renewable=True, display_name=display_name
             ),
         )
-        return _issued(response["auth"])
+        return IssuedToken.from_auth(response["auth"])
+
+    def mint_wrapped_child(self, parent: str, role: str | None, ttl: int, meta: Mapping[str, str], display_name: str,
+                           wrap_ttl: int) -> tuple[str, str]:
+        """Like `mint_child`, but Vault answers with a single-use wrapping token around the new token.
+
+        Returns (wrapping token, accessor of the wrapped token); the plugin never sees the inner token.
+        """
+        response = self._call(
+            _minting(role),
+            lambda: self._client(parent).auth.token.create(
+                role_name=role, ttl=f"{ttl}s", meta=dict(meta), renewable=True, display_name=display_name,
+                wrap_ttl=f"{wrap_ttl}s",
+            ),
+        )
+        return response["wrap_info"]["token"], response["wrap_info"]["wrapped_accessor"]
+
+    def revoke_accessor(self, token: str, accessor: str) -> None:
+        """Revoke the token behind `accessor` (and its children) using `token`'s rights on auth/token/revoke-accessor."""
+        try:
+            self._call("revoke a token by accessor",
+                       lambda: self._client(token).adapter.post("/v1/auth/token/revoke-accessor", json={"accessor": accessor}))
+        except VaultUnavailableError:
+            raise
+        except VaultError as e:
+            # Vault answers 400 "invalid accessor" for a token that is already gone.
+            if not isinstance(e.__cause__, hvac.exceptions.InvalidRequest):
+                raise
+
+    def capabilities(self, token: str, path: str) -> set[str]:
+        """What `token` may do on `path` (sys/capabilities-self)."""
+        response = self._call(
+            f"check capabilities on {path}",
+            lambda: self._client(token).adapter.post("/v1/sys/capabilities-self", json={"paths": [path]}),
+        )
+        return set(response["data"].get(path) or response["data"].get("capabilities") or [])
 
     def lookup_self(self, token: str) -> IssuedToken:
         response = self._call("look up the plugin token", lambda: self._client(token).auth.token.lookup_self())
@@ -122,7 +162,7 @@ class Vault:
 
     def renew_self(self, token: str) -> IssuedToken:
         response = self._call("renew a token", lambda: self._client(token).auth.token.renew_self())
-        return _issued(response["auth"])
+        return IssuedToken.from_auth(response["auth"])
 
     def revoke_self(self, token: str) -> None:
         """Revoke `token` and with it its children and leases. A token Vault no longer knows counts as revoked."""
@@ -172,8 +212,10 @@ class Vault:
             raise VaultError(f"Vault refused to {what}: {_reasons(e)}") from e
 
 
-def _issued(auth: Mapping[str, Any]) -> IssuedToken:
-    return IssuedToken(auth["client_token"], auth["accessor"], int(auth["lease_duration"]), bool(auth["renewable"]))
+def _minting(role: str | None) -> str:
+    if role is None:
+        return "create a child token (auth/token/create)"
+    return f"create a token from token role {role!r} (auth/token/create/{role})"
 
 
 def _is_kv2(path: str, data: Mapping[str, Any]) -> bool:

@@ -22,6 +22,7 @@ from plugin.driver import Driver  # noqa: E402
 from plugin.seal import Sealer  # noqa: E402
 from plugin.store import Store  # noqa: E402
 from plugin.leases import Renewer  # noqa: E402
+from tests.support.plugin import PluginProcess  # noqa: E402
 from tests.support.fakes import OPTIONS, FakeClock, FakeIdentity, FakeMounter, FakeVault  # noqa: E402
 
 IN_CI = os.environ.get("CI") == "true"
@@ -56,6 +57,10 @@ class Bao:
         path.write_text(self.wrapped_secret_id())
         path.chmod(0o600)
         return path
+
+    def wrapping_lookup(self, wrapping_token: str) -> dict:
+        """sys/wrapping/lookup: what a wrapping token is, without consuming it."""
+        return self.root.adapter.post("/v1/sys/wrapping/lookup", json={"token": wrapping_token})["data"]
 
     def token_valid(self, accessor: str) -> bool:
         try:
@@ -156,3 +161,27 @@ def driver(store, vault, identity, mounter, renewer):
     d = Driver(store, vault, identity, mounter, renewer, hostname="host-a")
     d.create("web", OPTIONS)
     return d
+
+
+# -- the plugin as a real process (gunicorn on a Unix socket), with real OpenBao --
+
+
+@pytest.fixture
+def start_plugin(bao, short_tmp):
+    require_root()
+    started: list[PluginProcess] = []
+
+    def start(wrapped: Path | None = None, *, vault_addr: str | None = None, wait_for: str | None = "auth") -> PluginProcess:
+        if wrapped is None and not (short_tmp / "wrapped").exists():
+            wrapped = bao.write_wrapped_secret_id(short_tmp / "wrapped")
+        process = PluginProcess(short_tmp / "p.sock", short_tmp / "state", vault_addr or bao.addr,
+                                role_id=bao.seed.role_id, wrapped_secret_id_file=wrapped or short_tmp / "wrapped",
+                                log_path=short_tmp / f"plugin{len(started)}.log")
+        started.append(process)
+        if wait_for:
+            process.wait_until_serving()
+        return process.wait_until_authenticated() if wait_for == "auth" else process
+
+    yield start
+    for process in started:
+        process.stop()

@@ -73,7 +73,7 @@ def test_bad_requests_get_an_err_and_no_traceback(client, verb, body, expected):
 
 def test_unknown_route_and_method(client):
     status, reply = post(client, "VolumeDriver.Explode", {})
-    assert status == 404 and "not a volume plugin call" in reply["Err"]
+    assert status == 404 and "not a call this plugin accepts" in reply["Err"]
     response = client.get("/VolumeDriver.List")
     assert response.status_code == 405 and json.loads(response.data)["Err"]
 

@@ -141,7 +141,7 @@ def test_revocation_owed_when_vault_is_down_is_retried(driver, vault, mounter, s
     vault.unavailable = True
     driver.unmount("web", "a1")
     assert mounter.mounted == {} and store.mounts() == []
-    assert [acc for acc, _ in store.pending_revocations()] == ["acc-1"]
+    assert [acc for acc, _, _ in store.pending_revocations()] == ["acc-1"]
     assert driver.retry_pending_revocations() == 1
     vault.unavailable = False
     assert driver.retry_pending_revocations() == 0

@@ -15,7 +15,7 @@ import pytest
 
 from plugin.errors import StateError
 from plugin.seal import Sealer
-from plugin.store import SCHEMA_VERSION, IdentityRecord, MountRecord, Store, VolumeRecord
+from plugin.store import SCHEMA_VERSION, IdentityRecord, MountRecord, Store, VolumeCredential, VolumeRecord
 
 OPTIONS = {"role": "web", "secret.db_password": "secret/data/web/db#password"}
 
@@ -220,12 +220,24 @@ def test_pending_revocations(store):
     assert store.pending_revocations() == []
 
     store.add_pending_revocation("acc-1", "hvs.one")
-    store.add_pending_revocation("acc-2", "hvs.two")
+    store.add_pending_revocation("acc-2", "hvs.parent", by_accessor=True)
     store.add_pending_revocation("acc-1", "hvs.one-again")
-    assert sorted(store.pending_revocations()) == [("acc-1", "hvs.one-again"), ("acc-2", "hvs.two")]
+    assert sorted(store.pending_revocations()) == [("acc-1", "hvs.one-again", False), ("acc-2", "hvs.parent", True)]
 
     store.remove_pending_revocation("acc-1")
-    assert store.pending_revocations() == [("acc-2", "hvs.two")]
+    assert store.pending_revocations() == [("acc-2", "hvs.parent", True)]
+
+
+def test_volume_credentials_are_sealed_and_removed_with_their_volume(store, tmp_path):
+    credential = VolumeCredential("hvs.volume-credential-token", "acc-vol", can_mint=True)
+    store.add_volume("wrapped", {"wrapped-token": "sha256:ab"}, credential)
+    store.add_volume("plain", {"role": "web"})
+    assert store.volume_credential("wrapped") == credential
+    assert store.volume_credential("plain") is None
+    assert store.volume_credentials() == {"wrapped": credential}
+    assert b"hvs.volume-credential-token" not in b"".join(p.read_bytes() for p in tmp_path.glob("state.db*"))
+    store.remove_volume("wrapped")
+    assert store.volume_credential("wrapped") is None
 
 
 # -- tokens at rest -----------------------------------------------------------------------------

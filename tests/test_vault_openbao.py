@@ -128,7 +128,7 @@ def test_wrapping_token_used_by_someone_else_is_a_tamper_event(bao, vault, store
     bao.root.sys.unwrap(wrapped.read_text())  # an interceptor got there first
     identity = make_identity(vault, store, wrapped, bao.seed.role_id)
     with caplog.at_level(logging.CRITICAL, logger="plugin.audit"):
-        with pytest.raises(WrappingTokenError, match="Possible interception"):
+        with pytest.raises(WrappingTokenError, match="possible interception"):
             identity.establish()
     assert "wrap.tamper" in caplog.text and wrapped.read_text() not in caplog.text
     with pytest.raises(IdentityUnavailableError):

@@ -1,0 +1,52 @@
+"""Per-volume credentials: the token a `wrapped-token=` volume's mounts descend from.
+
+The wrapping token is checked and unwrapped once, at Create. It wraps either a Vault token (created at
+`auth/token/create...`) or an AppRole SecretID (then `role-id=` logs in). If the resulting token may
+create child tokens, each mount gets its own child, as with `role=`; if not, every mount of the volume
+reads with the volume's token itself (less isolation: containers of the volume share one token, which
+lives until the volume is removed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from plugin.errors import InvalidOptionError, PluginError
+from plugin.spec import Spec
+from plugin.store import VolumeCredential
+from plugin.vault import IssuedToken, Vault
+from plugin.wrapping import unwrap_checked
+
+_MINTING_CAPABILITIES = {"create", "update", "sudo", "root"}
+
+
+def unwrap_volume_credential(vault: Vault, name: str, spec: Spec, allowed_paths: Sequence[str]) -> tuple[VolumeCredential, int]:
+    """Consume `spec.wrapped_token` and return the volume's credential and its TTL in seconds.
+
+    Raises `WrappingTokenError` (tamper), `InvalidOptionError` (wrong kind of content, or missing
+    role-id, checked before the token is spent), or a Vault error.
+    """
+    source = f"option wrapped-token of volume {name}"
+
+    def refuse_before_unwrap(creation_path: str) -> None:
+        if creation_path.endswith("/secret-id") and not spec.role_id:
+            raise InvalidOptionError(f"{source} wraps an AppRole SecretID: also give role-id=<the AppRole's RoleID>")
+
+    unwrapped = unwrap_checked(vault, spec.wrapped_token, allowed_paths, source=source, before_unwrap=refuse_before_unwrap)
+    if unwrapped.is_secret_id:
+        issued = vault.approle_login(spec.approle_mount, spec.role_id, unwrapped.response["data"]["secret_id"])
+    elif unwrapped.response.get("auth"):
+        issued = IssuedToken.from_auth(unwrapped.response["auth"])
+    else:
+        raise InvalidOptionError(f"{source} wraps neither a token nor an AppRole SecretID (it was made at {unwrapped.creation_path})")
+    try:
+        can_mint = bool(vault.capabilities(issued.token, "auth/token/create") & _MINTING_CAPABILITIES)
+        if spec.token_file and not can_mint:
+            raise InvalidOptionError(
+                f"volume {name}: token-file needs a credential that can create child tokens (auth/token/create), "
+                "so that each container's token can be revoked on its own"
+            )
+    except PluginError:
+        vault.revoke_self(issued.token)
+        raise
+    return VolumeCredential(issued.token, issued.accessor, can_mint), issued.ttl
