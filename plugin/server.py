@@ -52,6 +52,16 @@ def prepare_state_dir(settings: Settings) -> None:
         raise StateError(f"state directory {settings.state_dir} is accessible to others (mode {mode:o}): chmod 0700 it")
 
 
+def check_seal_key(settings: Settings) -> None:
+    """Refuse a state database whose seal key is missing, rather than making a new key that opens nothing."""
+    if settings.database_path.exists() and not settings.key_path.exists():
+        raise StateError(
+            f"{settings.database_path} exists but its seal key {settings.key_path} is missing, so the sealed tokens "
+            "in it cannot be opened: restore seal.key from the same backup, or move the state directory aside to start "
+            "afresh (volumes must then be created again)"
+        )
+
+
 def build_service(settings: Settings) -> Service:
     """Construct every component; nothing here talks to Vault."""
     prepare_state_dir(settings)
@@ -151,4 +161,5 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
     )
     os.umask(0o077)  # the database, its journal and anything else the plugin creates: root only
     prepare_state_dir(settings)
+    check_seal_key(settings)
     PluginServer(settings, log_level=log_level).run()

@@ -122,3 +122,43 @@ def test_mount_failure_reaches_docker_run_as_a_clear_error(docker, plugin, bao, 
 def test_bad_options_are_refused_at_create(docker, plugin, unique_name):
     refused = docker.docker("volume", "create", "-d", plugin.name, "-o", "role=web", "-o", "secret.../x=a/b", unique_name, check=False)
     assert refused.returncode != 0 and "one path component" in refused.stderr
+
+
+def test_wrapped_token_volume_and_tamper_through_the_docker_cli(docker, plugin, bao, unique_name):
+    bao.root.sys.create_or_update_policy("minter", 'path "auth/token/create" { capabilities = ["update"] }\n')
+    wrapping = bao.root.auth.token.create(policies=["web", "minter"], ttl="1h", wrap_ttl="5m")["wrap_info"]["token"]
+    docker.docker("volume", "create", "-d", plugin.name, "-o", f"wrapped-token={wrapping}", "-o", "uid=1000",
+                  "-o", "secret.db_password=secret/data/web/db#password", unique_name)
+    out = run(docker, "--user", "1000", "-v", f"{unique_name}:/run/secrets:ro", docker.image, "cat", "/run/secrets/db_password")
+    assert out.stdout == SECRET
+    stolen = bao.root.auth.token.create(policies=["web"], ttl="1h", wrap_ttl="5m")["wrap_info"]["token"]
+    bao.root.sys.unwrap(stolen)
+    refused = docker.docker("volume", "create", "-d", plugin.name, "-o", f"wrapped-token={stolen}",
+                            "-o", "secret.x=secret/data/web/db#password", f"{unique_name}-t", check=False)
+    assert refused.returncode != 0 and "possible interception" in refused.stderr
+    assert "wrap.tamper" in plugin.log()
+
+
+def test_token_file_reaches_the_container_and_no_token_is_left_in_state(docker, plugin, bao, unique_name):
+    create_volume(docker, plugin, unique_name, "token-file=vault-token")
+    out = run(docker, "--user", "1000", "-v", f"{unique_name}:/run/secrets:ro", docker.image, "cat", "/run/secrets/vault-token")
+    wrapping = out.stdout
+    assert bao.wrapping_lookup(wrapping)["creation_path"] == "auth/token/create/web"
+    # The container has exited: the token inside the wrapping was revoked with its mount.
+    inner = bao.server.client(wrapping).sys.unwrap()["auth"]
+    assert not bao.token_valid(inner["accessor"])
+    identity = _sealed_identity_token(plugin.state_dir)
+    state_bytes = b"".join(p.read_bytes() for p in plugin.state_dir.rglob("*") if p.is_file())
+    for token in (identity, wrapping, inner["client_token"]):
+        assert token.encode() not in state_bytes
+
+
+def _sealed_identity_token(state: Path) -> str:
+    from plugin.seal import Sealer
+    from plugin.store import Store
+
+    store = Store(state / "state.db", Sealer.load_or_create(state / "seal.key"))
+    try:
+        return store.identity().token
+    finally:
+        store.close()

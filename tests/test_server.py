@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 from plugin.seal import Sealer
 from plugin.store import Store
+from tests.support.plugin import plugin_command
 
 pytestmark = pytest.mark.openbao
 
@@ -158,3 +160,27 @@ def test_short_ttl_child_token_is_renewed_while_mounted(start_plugin, bao):
     assert data["last_renewal_time"] and data["ttl"] > 0
     plugin.client.ok("VolumeDriver.Unmount", {"Name": "short", "ID": MOUNT_ID})
     assert not bao.token_valid(accessor)
+
+
+def test_state_copied_without_its_seal_key_is_refused_and_reveals_nothing(start_plugin, bao, short_tmp):
+    plugin = start_plugin()
+    plugin.client.ok("VolumeDriver.Create", {"Name": "web", "Opts": OPTIONS})
+    identity_token = _identity_token(short_tmp / "state")
+    plugin.stop()
+    copy = short_tmp / "copied"
+    copy.mkdir(mode=0o700)
+    for path in (short_tmp / "state").glob("state.db*"):
+        copy.joinpath(path.name).write_bytes(path.read_bytes())
+    assert not any(identity_token.encode() in p.read_bytes() for p in copy.iterdir())
+    refused = subprocess.run([plugin_command(), "serve", "--state-dir", str(copy), "--socket", str(short_tmp / "c.sock"),
+                              "--vault-addr", bao.addr], capture_output=True, text=True, timeout=30)
+    assert refused.returncode != 0 and "seal key" in refused.stderr and "is missing" in refused.stderr
+    assert not (copy / "seal.key").exists()
+
+
+def _identity_token(state: Path) -> str:
+    store = Store(state / "state.db", Sealer.load_or_create(state / "seal.key"))
+    try:
+        return store.identity().token
+    finally:
+        store.close()
