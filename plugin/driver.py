@@ -27,11 +27,12 @@ from plugin.errors import (
     VolumeInUseError,
     VolumeNotFoundError,
 )
-from plugin.leases import Renewer
+from plugin.leases import Scheduler, renewal_delay, token_renewal
 from plugin.mounts import TmpfsMounter
 from plugin.render import render_files
 from plugin.spec import TOKEN_FILE_WRAP_TTL, parse_spec
 from plugin.store import MountRecord, Store, VolumeRecord
+from plugin.upkeep import MountUpkeep, Notify, fetch_all
 from plugin.vault import Vault
 from plugin.wrapping import DEFAULT_ALLOWED_PATHS
 
@@ -50,10 +51,12 @@ class TokenSource(Protocol):
 class Driver:
     """Implements the volume verbs over the store, Vault, the plugin identity and the tmpfs mounter."""
 
-    def __init__(self, store: Store, vault: Vault, identity: TokenSource, mounter: TmpfsMounter, renewer: Renewer,
-                 *, hostname: str, wrap_allowed_paths: Sequence[str] = DEFAULT_ALLOWED_PATHS):
+    def __init__(self, store: Store, vault: Vault, identity: TokenSource, mounter: TmpfsMounter, scheduler: Scheduler,
+                 *, hostname: str, wrap_allowed_paths: Sequence[str] = DEFAULT_ALLOWED_PATHS, notify: Notify | None = None):
         self._store, self._vault, self._identity, self._mounter = store, vault, identity, mounter
-        self._renewer = renewer
+        self._scheduler = scheduler
+        self._notify = notify
+        self._upkeeps: dict[tuple[str, str], MountUpkeep] = {}
         self._wrap_allowed_paths = tuple(wrap_allowed_paths)
         self._hostname = hostname
         self._locks: dict[object, list] = {}
@@ -89,7 +92,7 @@ class Driver:
                     self._revoke(credential.accessor, credential.token, volume=name)
                 raise
             if credential is not None:
-                self._renewer.track(("volume", name), credential.token, ttl)
+                self._scheduler.schedule(("volume", name), token_renewal(self._vault, credential.token), renewal_delay(ttl), ttl)
         audit.info("volume.create %s", name, extra={"event": "volume.create", "volume": name})
 
     def remove(self, name: str) -> None:
@@ -103,7 +106,7 @@ class Driver:
             credential = self._store.volume_credential(name)
             self._store.remove_volume(name)
             if credential is not None:
-                self._renewer.forget(("volume", name))
+                self._scheduler.cancel(("volume", name))
                 self._revoke(credential.accessor, credential.token, volume=name)
         audit.info("volume.remove %s", name, extra={"event": "volume.remove", "volume": name})
 
@@ -162,8 +165,11 @@ class Driver:
             # Recorded (refcount 0) before anything else can fail, so a crash leaves a trace to undo.
             self._store.add_mount(record)
             try:
-                secrets = {path: self._vault.read_secret(record.token, path) for path in spec.paths}
-                files = render_files(spec, secrets)
+                fetched = fetch_all(self._vault, record.token, spec.sources)
+                for source, secret in fetched.items():
+                    if secret.lease_id:
+                        self._store.set_lease(name, mount_id, str(source), secret.lease_id)
+                files = render_files(spec, {source: secret.data for source, secret in fetched.items()})
                 if spec.token_file is not None:
                     record, files[spec.token_file] = self._container_token(record, parent, spec, meta)
                 self._mounter.mount(name, mount_id, files, uid=spec.uid, gid=spec.gid, mode=spec.mode, size=spec.size)
@@ -171,8 +177,7 @@ class Driver:
             except BaseException:
                 self._teardown(record)
                 raise
-            if record.owns_token:
-                self._renewer.track((name, mount_id), record.token, spec.ttl)
+            self._start_upkeep(record, spec, fetched)
         audit.info("mount %s %s", name, mount_id, extra={"event": "mount", "volume": name, "mount_id": mount_id, "accessor": record.accessor})
         return str(view)
 
@@ -209,14 +214,24 @@ class Driver:
             self._teardown(record)
         audit.info("unmount %s %s", name, mount_id, extra={"event": "unmount", "volume": name, "mount_id": mount_id})
 
+    def _start_upkeep(self, record: MountRecord, spec, fetched=None) -> None:
+        upkeep = MountUpkeep(record, spec, vault=self._vault, store=self._store, mounter=self._mounter,
+                             scheduler=self._scheduler, fetched=fetched, notify=self._notify)
+        self._upkeeps[(record.volume, record.mount_id)] = upkeep
+        upkeep.start(resumed=fetched is None)
+
     def _teardown(self, record: MountRecord) -> None:
-        """Revoke the mount's tokens, remove its tmpfs, forget it. Revocations Vault cannot take now are kept."""
-        self._renewer.forget((record.volume, record.mount_id))
+        """Revoke the mount's tokens (and so its leases), remove its tmpfs, forget it.
+        Revocations Vault cannot take now are kept and retried."""
+        upkeep = self._upkeeps.pop((record.volume, record.mount_id), None)
+        if upkeep is not None:
+            upkeep.stop()
         where = {"volume": record.volume, "mount_id": record.mount_id}
+        parent = self._parent_token(record.volume)
         if record.container_token_accessor is not None:
-            self._revoke_by_accessor(record.container_token_accessor, self._parent_token(record.volume), **where)
-        if record.owns_token:
-            self._revoke(record.accessor, record.token, **where)
+            self._revoke_by_accessor(record.container_token_accessor, parent, **where)
+        if record.owns_token and self._revoke(record.accessor, record.token, **where):
+            self._confirm_leases_gone(record, parent)
         self._mounter.unmount(record.volume, record.mount_id)
         self._store.remove_mount(record.volume, record.mount_id)
 
@@ -230,14 +245,29 @@ class Driver:
         except PluginError:
             return ""
 
-    def _revoke(self, accessor: str, token: str, **where: str) -> None:
+    def _revoke(self, accessor: str, token: str, **where: str) -> bool:
+        """Revoke `token`; True if done now, False if owed (kept and retried)."""
         try:
             self._vault.revoke_self(token)
         except PluginError as e:
             self._store.add_pending_revocation(accessor, token)
             log.warning("could not revoke token %s now, will retry: %s", accessor, e)
-            return
+            return False
         audit.info("token.revoke %s", accessor, extra={"event": "token.revoke", "accessor": accessor, **where})
+        return True
+
+    def _confirm_leases_gone(self, record: MountRecord, parent: str) -> None:
+        """Revoking a token revokes its leases: check with Vault rather than assume."""
+        for lease_id in self._store.leases(record.volume, record.mount_id).values():
+            try:
+                if self._vault.lease_exists(parent, lease_id):
+                    log.error("lease %s outlived the revocation of its token %s", lease_id, record.accessor)
+                    continue
+            except PluginError as e:
+                log.info("could not confirm the revocation of lease %s: %s", lease_id, e)
+                continue
+            audit.info("lease.revoke %s", lease_id, extra={"event": "lease.revoke", "lease_id": lease_id,
+                                                            "volume": record.volume, "mount_id": record.mount_id})
 
     def _revoke_by_accessor(self, accessor: str, parent: str, **where: str) -> None:
         try:
@@ -254,14 +284,15 @@ class Driver:
         """At start: undo mounts a crash left half-made and mounts whose tmpfs is gone (host reboot);
         resume renewing the tokens of the others (at once: how long they have left is not recorded)."""
         for name, credential in self._store.volume_credentials().items():
-            self._renewer.track(("volume", name), credential.token, 0)
+            self._scheduler.schedule(("volume", name), token_renewal(self._vault, credential.token), 0)
         for record in self._store.mounts():
-            if record.refcount == 0 or not self._mounter.is_mounted(record.volume, record.mount_id):
-                log.info("cleaning up stale mount %s of volume %s", record.mount_id, record.volume)
-                with self._hold((record.volume, record.mount_id)):
+            with self._hold((record.volume, record.mount_id)):
+                volume = self._store.volume(record.volume)
+                if record.refcount == 0 or volume is None or not self._mounter.is_mounted(record.volume, record.mount_id):
+                    log.info("cleaning up stale mount %s of volume %s", record.mount_id, record.volume)
                     self._teardown(record)
-            elif record.owns_token:
-                self._renewer.track((record.volume, record.mount_id), record.token, 0)
+                else:
+                    self._start_upkeep(record, parse_spec(volume.options))
 
     def retry_pending_revocations(self) -> int:
         """Revoke tokens whose revocation failed earlier. Returns how many are still pending."""

@@ -1,13 +1,14 @@
-"""Renewal of what the plugin holds for running containers: one thread, a heap of deadlines.
+"""Keeping things alive on time: one thread, a heap of deadlines, keyed tasks, an injected clock.
 
-Each tracked item (today a mount's child token) is renewed at about two thirds of its TTL, with
-jitter so that mounts made together do not renew together. A failed renewal is retried with backoff
-while the item is still alive; an item Vault no longer knows is dropped. The clock is injected, so
-the policy is tested without waiting.
+A task runs at its deadline and says when it must run again (`Again`) or that it is done (None). The
+renewal policy lives here: renew at about two thirds of a TTL, with jitter so that mounts made together
+do not renew together. A task that cannot reach Vault is retried with capped backoff for as long as
+what it keeps alive lives; a task Vault refuses for good is dropped with a warning.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -17,7 +18,7 @@ import time
 from collections.abc import Callable, Hashable
 
 from plugin.errors import PluginError, VaultUnavailableError
-from plugin.vault import IssuedToken
+from plugin.vault import Vault
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("plugin.audit")
@@ -27,114 +28,160 @@ RETRY_MIN, RETRY_MAX = 1.0, 30.0
 IDLE_WAKEUP = 3600.0
 
 
-def renewal_delay(ttl: float, jitter: Callable[[float, float], float] = random.uniform) -> float:
+def renewal_delay(ttl: float) -> float:
     """Seconds until a renewal is due for something that lives `ttl` seconds from now."""
-    return max(ttl, 0) * jitter(*RENEW_AT)
+    return max(ttl, 0) * random.uniform(*RENEW_AT)
 
 
 def retry_delay(remaining: float, attempt: int) -> float:
-    """Backoff after a failed renewal: doubling from 1 s, at most 30 s, and a few tries before expiry."""
+    """Backoff after a failed attempt: doubling from 1 s, at most 30 s, and a few tries before expiry."""
     return max(min(RETRY_MIN * 2**attempt, RETRY_MAX, remaining / 3), RETRY_MIN)
 
 
-class Renewer:
-    """Keeps tracked tokens alive. `track`/`forget` are thread-safe; `run` is the one renewing thread."""
+@dataclasses.dataclass(frozen=True)
+class Again:
+    """Run the task again after `delay` seconds. `lifetime`: how long what it keeps alive lives from now
+    (retries after a Vault outage stop then); None keeps the previous bound."""
 
-    def __init__(self, renew: Callable[[str], IssuedToken], *, clock: Callable[[], float] = time.monotonic,
-                 jitter: Callable[[float, float], float] = random.uniform):
-        self._renew, self._clock, self._jitter = renew, clock, jitter
+    delay: float
+    lifetime: float | None = None
+
+
+Task = Callable[[], "Again | None"]
+
+
+class Scheduler:
+    """Runs keyed tasks at their deadlines. `schedule`/`cancel` are thread-safe; `run` is the one thread."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
         self._heap: list[tuple[float, int, Hashable]] = []
-        self._items: dict[Hashable, _Item] = {}
+        self._entries: dict[Hashable, _Entry] = {}
         self._seq = itertools.count()
         self._changed = threading.Condition()
 
-    def track(self, key: Hashable, token: str, ttl: float) -> None:
-        """Renew `token` from now on; `ttl` is its remaining lifetime (0 renews at once)."""
+    def schedule(self, key: Hashable, task: Task, delay: float, lifetime: float | None = None) -> None:
+        """Run `task` after `delay` seconds, replacing any task under `key`."""
         now = self._clock()
         with self._changed:
-            self._items[key] = _Item(token, expires_at=now + ttl)
-            self._schedule(key, now + renewal_delay(ttl, self._jitter))
+            entry = _Entry(task, expires_at=None if lifetime is None else now + lifetime)
+            self._entries[key] = entry
+            self._push(key, entry, now + delay)
             self._changed.notify()
 
-    def forget(self, key: Hashable) -> None:
+    def cancel(self, key: Hashable) -> None:
         with self._changed:
-            self._items.pop(key, None)
+            self._entries.pop(key, None)
+
+    def cancel_where(self, predicate: Callable[[Hashable], bool]) -> None:
+        with self._changed:
+            for key in [k for k in self._entries if predicate(k)]:
+                del self._entries[key]
 
     def __len__(self) -> int:
         with self._changed:
-            return len(self._items)
+            return len(self._entries)
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._changed:
+            return key in self._entries
 
     def run(self, stop: threading.Event) -> None:
-        """Renew due items until `stop` is set (set it, then `wake()`)."""
+        """Run due tasks until `stop` is set (set it, then `wake()`)."""
         while not stop.is_set():
-            wait = self.renew_due()
+            wait = self.run_due()
             with self._changed:
                 if not stop.is_set():
-                    self._changed.wait(IDLE_WAKEUP if wait is None else wait)
+                    self._changed.wait(IDLE_WAKEUP if wait is None else max(wait, 0))
 
     def wake(self) -> None:
-        """Make `run` look at its stop event and deadlines now."""
         with self._changed:
             self._changed.notify()
 
-    def renew_due(self) -> float | None:
-        """Renew every item whose deadline has passed. Returns seconds to the next deadline (None: nothing tracked)."""
+    def run_due(self) -> float | None:
+        """Run every task whose deadline has passed. Returns seconds to the next deadline (None: no tasks)."""
         while True:
             with self._changed:
-                key = self._pop_due()
-                if key is None:
+                due = self._pop_due()
+                if due is None:
                     return (self._heap[0][0] - self._clock()) if self._heap else None
-                item = self._items[key]
-            self._renew_one(key, item)
+            self._run(*due)
 
-    def _pop_due(self) -> Hashable | None:
+    def _pop_due(self) -> tuple[Hashable, _Entry] | None:
         while self._heap and self._heap[0][0] <= self._clock():
             _, seq, key = heapq.heappop(self._heap)
-            item = self._items.get(key)
-            if item is not None and item.seq == seq:  # else: forgotten or rescheduled since
-                return key
+            entry = self._entries.get(key)
+            if entry is not None and entry.seq == seq:  # else: cancelled or rescheduled since
+                return key, entry
         return None
 
-    def _renew_one(self, key: Hashable, item: _Item) -> None:
+    def _run(self, key: Hashable, entry: _Entry) -> None:
         try:
-            issued = self._renew(item.token)
+            again = entry.task()
         except VaultUnavailableError as e:
-            self._retry(key, item, e)
+            self._retry(key, entry, e)
             return
         except PluginError as e:
-            log.warning("dropping renewal of %s: Vault no longer accepts its token (%s)", key, e)
-            self.forget(key)
+            log.warning("dropping %s: %s", _describe(key), e)
+            self._forget(key, entry)
+            return
+        except Exception:  # a bug in one task must not stop every renewal
+            log.exception("dropping %s after an unexpected error", _describe(key))
+            self._forget(key, entry)
             return
         now = self._clock()
         with self._changed:
-            if self._items.get(key) is item:
-                item.expires_at, item.failures = now + issued.ttl, 0
-                self._schedule(key, now + renewal_delay(issued.ttl, self._jitter))
-        audit.info("token.renew %s", issued.accessor, extra={"event": "token.renew", "accessor": issued.accessor, "ttl": issued.ttl})
-
-    def _retry(self, key: Hashable, item: _Item, error: PluginError) -> None:
-        now = self._clock()
-        remaining = item.expires_at - now
-        if remaining <= 0:
-            log.error("token of %s expired before Vault could be reached to renew it: %s", key, error)
-            self.forget(key)
-            return
-        with self._changed:
-            if self._items.get(key) is not item:
+            if self._entries.get(key) is not entry:
                 return
-            delay = retry_delay(remaining, item.failures)
-            item.failures += 1
-            self._schedule(key, now + delay)
-        log.warning("renewal of %s failed (retrying in %.0fs, %.0fs left): %s", key, delay, remaining, error)
+            if again is None:
+                del self._entries[key]
+                return
+            entry.failures = 0
+            if again.lifetime is not None:
+                entry.expires_at = now + again.lifetime
+            self._push(key, entry, now + again.delay)
 
-    def _schedule(self, key: Hashable, deadline: float) -> None:
-        seq = next(self._seq)
-        self._items[key].seq = seq
-        heapq.heappush(self._heap, (deadline, seq, key))
+    def _retry(self, key: Hashable, entry: _Entry, error: PluginError) -> None:
+        now = self._clock()
+        remaining = float("inf") if entry.expires_at is None else entry.expires_at - now
+        if remaining <= 0:
+            log.error("%s expired before Vault could be reached: %s", _describe(key), error)
+            self._forget(key, entry)
+            return
+        with self._changed:
+            if self._entries.get(key) is not entry:
+                return
+            delay = retry_delay(remaining, entry.failures)
+            entry.failures += 1
+            self._push(key, entry, now + delay)
+        log.warning("%s failed, retrying in %.0fs: %s", _describe(key), delay, error)
+
+    def _forget(self, key: Hashable, entry: _Entry) -> None:
+        with self._changed:
+            if self._entries.get(key) is entry:
+                del self._entries[key]
+
+    def _push(self, key: Hashable, entry: _Entry, deadline: float) -> None:
+        entry.seq = next(self._seq)
+        heapq.heappush(self._heap, (deadline, entry.seq, key))
 
 
-class _Item:
-    __slots__ = ("token", "expires_at", "failures", "seq")
+class _Entry:
+    __slots__ = ("task", "expires_at", "failures", "seq")
 
-    def __init__(self, token: str, expires_at: float):
-        self.token, self.expires_at, self.failures, self.seq = token, expires_at, 0, -1
+    def __init__(self, task: Task, expires_at: float | None):
+        self.task, self.expires_at, self.failures, self.seq = task, expires_at, 0, -1
+
+
+def _describe(key: Hashable) -> str:
+    return " ".join(map(str, key)) if isinstance(key, tuple) else str(key)
+
+
+def token_renewal(vault: Vault, token: str) -> Task:
+    """A task renewing `token` at about two thirds of each new TTL."""
+    def renew() -> Again:
+        issued = vault.renew_self(token)
+        audit.info("token.renew %s", issued.accessor, extra={"event": "token.renew", "accessor": issued.accessor, "ttl": issued.ttl})
+        return Again(renewal_delay(issued.ttl), issued.ttl)
+
+    return renew

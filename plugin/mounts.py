@@ -88,6 +88,23 @@ class TmpfsMounter:
             raise MountError(f"could not create the tmpfs for volume {volume}: {e.strerror} ({e.filename})") from e
         return view
 
+    def rewrite(self, volume: str, mount_id: str, files: Mapping[str, bytes], *, uid: int, gid: int, mode: int) -> list[str]:
+        """Replace the files whose content changed, each atomically; returns the names written."""
+        data = self._root / volume / mount_id / "data"
+        written = []
+        try:
+            for name, content in files.items():
+                try:
+                    if (data / name).read_bytes() == content:
+                        continue
+                except FileNotFoundError:
+                    pass
+                write_atomically(data, name, content, uid=uid, gid=gid, mode=mode)
+                written.append(name)
+        except OSError as e:
+            raise MountError(f"could not update the files of volume {volume}: {e.strerror} ({e.filename})") from e
+        return written
+
     def unmount(self, volume: str, mount_id: str) -> None:
         """Unmount the view and the tmpfs and remove their directories. Unknown mounts are a no-op."""
         try:

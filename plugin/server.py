@@ -21,7 +21,7 @@ from plugin.app import create_app, create_control_app
 from plugin.driver import Driver
 from plugin.errors import PluginError, StateError
 from plugin.identity import Identity
-from plugin.leases import Renewer
+from plugin.leases import Scheduler
 from plugin.mounts import TmpfsMounter
 from plugin.seal import Sealer
 from plugin.settings import Settings
@@ -39,7 +39,7 @@ REVOCATION_RETRY_SECONDS = 30.0
 class Service:
     driver: Driver
     identity: Identity
-    renewer: Renewer
+    scheduler: Scheduler
     store: Store
     stop: threading.Event
 
@@ -74,16 +74,16 @@ def build_service(settings: Settings) -> Service:
         role_id=settings.role_id,
         wrapped_secret_id_file=settings.wrapped_secret_id_file,
     )
-    renewer = Renewer(vault.renew_self)
-    driver = Driver(store, vault, identity, TmpfsMounter(settings.mount_root), renewer, hostname=settings.hostname,
+    scheduler = Scheduler()
+    driver = Driver(store, vault, identity, TmpfsMounter(settings.mount_root), scheduler, hostname=settings.hostname,
                     wrap_allowed_paths=settings.wrap_allowed_paths)
-    return Service(driver, identity, renewer, store, threading.Event())
+    return Service(driver, identity, scheduler, store, threading.Event())
 
 
 def start_background(service: Service) -> None:
     """Start the identity, renewal and maintenance (reconcile, then retry owed revocations) threads."""
     threading.Thread(target=service.identity.run, args=(service.stop, _halt), name="identity", daemon=True).start()
-    threading.Thread(target=service.renewer.run, args=(service.stop,), name="renewer", daemon=True).start()
+    threading.Thread(target=service.scheduler.run, args=(service.stop,), name="scheduler", daemon=True).start()
     threading.Thread(target=_maintain, args=(service,), name="maintenance", daemon=True).start()
 
 

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import urllib.parse
 from collections.abc import Mapping
 from typing import Literal
 
 from plugin.errors import InvalidOptionError
+from plugin.template import template_sources
 
-Format = Literal["raw", "json", "env"]
-FORMATS: tuple[Format, ...] = ("raw", "json", "env")
+Format = Literal["raw", "json", "env", "pem", "template"]
+FORMATS: tuple[Format, ...] = ("raw", "json", "env", "pem")
 
 DEFAULT_TTL = 3600
 MIN_TTL = 5
@@ -35,22 +37,51 @@ _DURATION_PART = re.compile(r"([0-9]{1,9})([smhd])")
 _SIZE = re.compile(r"([0-9]{1,12})([kKmM]?)")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
-SCALAR_OPTIONS = ("role", "wrapped-token", "role-id", "approle-mount", "token-file", "ttl", "uid", "gid", "mode", "size")
+SCALAR_OPTIONS = ("role", "wrapped-token", "role-id", "approle-mount", "token-file", "ttl", "uid", "gid", "mode", "size",
+                  "refresh", "rotate-grace", "notify")
+DEFAULT_REFRESH = 300
+DEFAULT_ROTATE_GRACE = 60
+SIGNALS = ("SIGHUP", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGTERM", "SIGQUIT", "SIGWINCH")
+_PARAM_KEY = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 TOKEN_FILE_WRAP_TTL = 300
 _WRAPPING_TOKEN = re.compile(r"[A-Za-z0-9._:+/=-]{1,1024}")
-FILE_OPTION_PREFIXES = ("secret.", "format.")
+FILE_OPTION_PREFIXES = ("secret.", "format.", "template.")
 # Names under which users try to hand over a plain token; refused with an explanation, not as "unknown".
 TOKEN_OPTIONS = ("token", "vault-token", "vault_token", "VAULT_TOKEN")
 
 
 @dataclasses.dataclass(frozen=True)
+class Source:
+    """One Vault request: a read of `path`, or (with `params`) a write of them to it, as for
+    `database/creds/app` or `pki/issue/web?common_name=web.internal`. Files naming the same source
+    share one request, one response and one lease."""
+
+    path: str
+    params: tuple[tuple[str, str], ...] = ()
+
+    def __str__(self) -> str:
+        return self.path + ("?" + urllib.parse.urlencode(self.params) if self.params else "")
+
+
+@dataclasses.dataclass(frozen=True)
 class SecretFile:
-    """One file of the volume: `name` holds `field` of the secret at Vault API `path` (all of it if None)."""
+    """One file of the volume: `field` of the secret at `path` (all of it if None), or a template.
+
+    Template files have `format` "template", their text in `template`, and in `refs` each literal
+    `secret()` argument with the source it names.
+    """
 
     name: str
     path: str
     field: str | None
     format: Format
+    params: tuple[tuple[str, str], ...] = ()
+    template: str | None = None
+    refs: tuple[tuple[str, Source], ...] = ()
+
+    @property
+    def sources(self) -> tuple[Source, ...]:
+        return tuple(source for _, source in self.refs) if self.template is not None else (Source(self.path, self.params),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,11 +103,14 @@ class Spec:
     gid: int = 0
     mode: int = DEFAULT_MODE
     size: int = DEFAULT_SIZE
+    refresh: int = DEFAULT_REFRESH
+    rotate_grace: int = DEFAULT_ROTATE_GRACE
+    notify: str | None = None
 
     @property
-    def paths(self) -> tuple[str, ...]:
-        """Distinct Vault paths, in first-use order: each is read once per mount however many files use it."""
-        return tuple(dict.fromkeys(f.path for f in self.files))
+    def sources(self) -> tuple[Source, ...]:
+        """Distinct sources in first-use order: each is requested once per mount however many files use it."""
+        return tuple(dict.fromkeys(s for f in self.files for s in f.sources))
 
 
 def parse_spec(options: Mapping[str, str] | None) -> Spec:
@@ -95,7 +129,8 @@ def parse_spec(options: Mapping[str, str] | None) -> Spec:
         if key not in SCALAR_OPTIONS and not key.startswith(FILE_OPTION_PREFIXES):
             raise InvalidOptionError(
                 f"unknown option {_show(key)}: accepted options are role, wrapped-token, role-id, approle-mount, "
-                "token-file, ttl, uid, gid, mode, size, secret.<file>=<vault path>[#field] and format.<file>=raw|json|env"
+                "token-file, ttl, uid, gid, mode, size, refresh, rotate-grace, notify, "
+                "secret.<file>=<vault path>[?params][#field], format.<file>=raw|json|env|pem and template.<file>"
             )
     role, wrapped_token = options.get("role"), options.get("wrapped-token")
     if role is None and wrapped_token is None:
@@ -134,54 +169,91 @@ def parse_spec(options: Mapping[str, str] | None) -> Spec:
         gid=_parse_bounded("gid", options.get("gid"), _parse_int, 0, 0, MAX_ID, "a numeric group id such as 1000"),
         mode=_parse_mode(options.get("mode")),
         size=_parse_bounded("size", options.get("size"), parse_size, DEFAULT_SIZE, MIN_SIZE, MAX_SIZE, "a size such as 512k or 1m (at most 16m)"),
+        refresh=_parse_bounded("refresh", options.get("refresh"), parse_duration, DEFAULT_REFRESH, 0, MAX_TTL,
+                               "a duration such as 30s or 5m, or 0 to turn polling off"),
+        rotate_grace=_parse_bounded("rotate-grace", options.get("rotate-grace"), parse_duration, DEFAULT_ROTATE_GRACE, 0,
+                                    86400, "a duration such as 30s or 5m (at most 1d)"),
+        notify=_parse_signal(options.get("notify")),
     )
 
 
 def _parse_files(options: Mapping[str, str], allow_none: bool) -> tuple[SecretFile, ...]:
     sources = {k.removeprefix("secret."): v for k, v in options.items() if k.startswith("secret.")}
     formats = {k.removeprefix("format."): v for k, v in options.items() if k.startswith("format.")}
-    if not sources and not allow_none:
+    templates = {k.removeprefix("template."): v for k, v in options.items() if k.startswith("template.")}
+    if not sources and not templates and not allow_none:
         raise InvalidOptionError("no secret.<file> option: add at least one, e.g. -o secret.db_password=secret/data/web/db#password")
-    if len(sources) > MAX_FILES:
-        raise InvalidOptionError(f"too many secret.<file> options ({len(sources)}): at most {MAX_FILES} files per volume")
+    if len(sources) + len(templates) > MAX_FILES:
+        raise InvalidOptionError(f"too many secret.<file> and template.<file> options ({len(sources) + len(templates)}): at most {MAX_FILES} files per volume")
     for name in formats:
         if name not in sources:
             raise InvalidOptionError(f"option format.{_show(name)} has no matching secret.{_show(name)} option")
     files = []
+    for name, text in templates.items():
+        _check_file_name("template", name)
+        if name in sources:
+            raise InvalidOptionError(f"file {name} has both a secret.{name} and a template.{name} option: keep one")
+        refs = tuple((ref, _parse_source(f"template.{name}", ref, allow_field=False)) for ref in template_sources(name, text))
+        files.append(SecretFile(name=name, path="", field=None, format="template", template=text,
+                                refs=tuple((ref, Source(path, params)) for ref, (path, params, _) in refs)))
     for name, source in sources.items():
-        if not _FILE_NAME.fullmatch(name):
-            raise InvalidOptionError(
-                f"option secret.{_show(name)}: the file name must be one path component of letters, digits, "
-                "'.', '_' or '-', not starting with '.' (for example secret.db_password)"
-            )
-        path, field = _parse_source(name, source)
+        _check_file_name("secret", name)
+        path, params, field = _parse_source(f"secret.{name}", source)
         fmt = formats.get(name, "raw" if field is not None else "json")
         if fmt not in FORMATS:
-            raise InvalidOptionError(f"option format.{name}={_show(fmt)}: accepted formats are raw, json and env")
+            raise InvalidOptionError(f"option format.{name}={_show(fmt)}: accepted formats are raw, json, env and pem")
         if fmt == "raw" and field is None:
             raise InvalidOptionError(f"option secret.{name}: format raw needs a field, e.g. {_show(path)}#password")
         if fmt != "raw" and field is not None:
             raise InvalidOptionError(
                 f"option secret.{name}: format {fmt} renders the whole secret; drop #{_show(field)} or use format raw"
             )
-        files.append(SecretFile(name=name, path=path, field=field, format=fmt))
+        files.append(SecretFile(name=name, path=path, field=field, format=fmt, params=params))
     return tuple(files)
 
 
-def _parse_source(name: str, source: str) -> tuple[str, str | None]:
-    path, sep, field = source.partition("#")
+def _check_file_name(kind: str, name: str) -> None:
+    if not _FILE_NAME.fullmatch(name):
+        raise InvalidOptionError(
+            f"option {kind}.{_show(name)}: the file name must be one path component of letters, digits, "
+            "'.', '_' or '-', not starting with '.' (for example secret.db_password)"
+        )
+
+
+def _parse_source(option: str, source: str, allow_field: bool = True) -> tuple[str, tuple[tuple[str, str], ...], str | None]:
+    """`path[?k=v&...][#field]` -> (path, params, field)."""
+    rest, sep, field = source.partition("#")
+    path, _, query = rest.partition("?")
     path = path.strip("/")
     segments = path.split("/")
-    if len(segments) < 2 or not all(_PATH_SEGMENT.fullmatch(s) for s in segments):
+    if len(source) > 2048 or len(segments) < 2 or not all(_PATH_SEGMENT.fullmatch(s) for s in segments):
         raise InvalidOptionError(
-            f"option secret.{name}={_show(source)}: expected a Vault API path with an optional #field, "
-            "e.g. secret/data/web/db#password (KV v2) or kv/web/db#password (KV v1)"
+            f"option {option}={_show(source)}: expected a Vault API path with optional ?parameters and #field, "
+            "e.g. secret/data/web/db#password, kv/web/db#password or pki/issue/web?common_name=web.internal#certificate"
         )
+    try:
+        params = tuple(urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=True)) if query else ()
+    except ValueError as e:
+        raise InvalidOptionError(f"option {option}: parameters after '?' must be key=value pairs joined by '&'") from e
+    for key, value in params:
+        if not _PARAM_KEY.fullmatch(key) or any(ord(c) < 32 for c in value):
+            raise InvalidOptionError(f"option {option}: parameter {_show(key)} has a forbidden character")
+    if sep and not allow_field:
+        raise InvalidOptionError(f"option {option}: use secret(\"{path}\").field in the template, not #field")
     if sep and not field:
-        raise InvalidOptionError(f"option secret.{name}: empty field after '#'")
+        raise InvalidOptionError(f"option {option}: empty field after '#'")
     if sep and any(c in field for c in "\x00/\n\r"):
-        raise InvalidOptionError(f"option secret.{name}: field {_show(field)} contains a forbidden character")
-    return path, (field if sep else None)
+        raise InvalidOptionError(f"option {option}: field {_show(field)} contains a forbidden character")
+    return path, params, (field if sep else None)
+
+
+def _parse_signal(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    name = raw.upper() if raw.upper().startswith("SIG") else "SIG" + raw.upper()
+    if name not in SIGNALS:
+        raise InvalidOptionError(f"option notify={_show(raw)}: expected one of {', '.join(SIGNALS)}")
+    return name
 
 
 def _parse_mode(raw: str | None) -> int:

@@ -44,6 +44,13 @@ CREATE TABLE mounts (
     created_at REAL NOT NULL,
     PRIMARY KEY (volume, mount_id)
 );
+CREATE TABLE leases (
+    volume TEXT NOT NULL,
+    mount_id TEXT NOT NULL,
+    source TEXT NOT NULL,
+    lease_id TEXT NOT NULL,
+    PRIMARY KEY (volume, mount_id, source)
+);
 CREATE TABLE identity (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     token BLOB NOT NULL,
@@ -221,7 +228,24 @@ class Store:
 
     def remove_mount(self, volume: str, mount_id: str) -> None:
         with self._transaction():
+            self._db.execute("DELETE FROM leases WHERE volume = ? AND mount_id = ?", (volume, mount_id))
             self._db.execute("DELETE FROM mounts WHERE volume = ? AND mount_id = ?", (volume, mount_id))
+
+    def set_lease(self, volume: str, mount_id: str, source: str, lease_id: str) -> None:
+        """Record the current lease of `source` for a mount (lease IDs are names, not credentials)."""
+        with self._transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO leases (volume, mount_id, source, lease_id) VALUES (?, ?, ?, ?)",
+                (volume, mount_id, source, lease_id),
+            )
+
+    def leases(self, volume: str, mount_id: str) -> dict[str, str]:
+        """source -> current lease ID, for one mount."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT source, lease_id FROM leases WHERE volume = ? AND mount_id = ?", (volume, mount_id)
+            ).fetchall()
+        return dict(rows)
 
     def _mount_rows(self, where: str, args: tuple) -> list[MountRecord]:
         with self._lock:

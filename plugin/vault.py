@@ -40,6 +40,17 @@ class IssuedToken:
 
 
 @dataclasses.dataclass(frozen=True)
+class Fetched:
+    """A secret as Vault answered it: its data, and its lease (dynamic secrets) or KV v2 version."""
+
+    data: Mapping[str, Any] = dataclasses.field(repr=False)
+    lease_id: str | None = None
+    lease_duration: int = 0
+    renewable: bool = False
+    version: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class WrapInfo:
     """What `sys/wrapping/lookup` reveals of a wrapping token without consuming it."""
 
@@ -179,15 +190,59 @@ class Vault:
 
     def read_secret(self, token: str, path: str) -> Mapping[str, Any]:
         """Read the secret at Vault API `path` and return its data (for KV v2, `data.data`)."""
-        response = self._call(f"read {path}", lambda: self._client(token).read(path))
+        return self.fetch(token, path).data
+
+    def fetch(self, token: str, path: str, params: tuple[tuple[str, str], ...] = ()) -> Fetched:
+        """Read `path`, or write `params` to it (dynamic secrets such as pki/issue/...), with what Vault
+        said of the answer: its lease, or for KV v2 its version."""
+        if params:
+            response = self._call(f"write to {path}", lambda: self._client(token).write_data(path, data=dict(params)))
+        else:
+            response = self._call(f"read {path}", lambda: self._client(token).read(path))
         if not response or response.get("data") is None:
             raise VaultError(f"Vault has no secret at {path}: check the path (KV v2 paths contain /data/)")
-        data = response["data"]
+        data, version = response["data"], None
         if _is_kv2(path, data):
             if data["data"] is None:
                 raise VaultError(f"the current version of {path} is deleted: write a new version or undelete it")
-            return data["data"]
-        return data
+            data, version = data["data"], data["metadata"].get("version")
+        return Fetched(data, response.get("lease_id") or None, int(response.get("lease_duration") or 0),
+                       bool(response.get("renewable")), version)
+
+    def kv2_current_version(self, token: str, path: str) -> int:
+        """The newest version of the KV v2 secret at data path `path`, from its metadata (no secret sent)."""
+        mount, _, rest = path.partition("/data/")
+        response = self._call(f"read the metadata of {path}", lambda: self._client(token).read(f"{mount}/metadata/{rest}"))
+        return int(response["data"]["current_version"])
+
+    # -- leases ---------------------------------------------------------------------------------
+
+    def renew_lease(self, token: str, lease_id: str, increment: int | None = None) -> int:
+        """Renew a lease; returns its new duration in seconds (shorter than asked near its max TTL)."""
+        response = self._call("renew a lease", lambda: self._client(token).sys.renew_lease(lease_id, increment=increment))
+        return int(response["lease_duration"])
+
+    def revoke_lease(self, token: str, lease_id: str) -> None:
+        """Revoke a lease. A lease Vault no longer knows counts as revoked."""
+        try:
+            self._call("revoke a lease", lambda: self._client(token).sys.revoke_lease(lease_id))
+        except VaultUnavailableError:
+            raise
+        except VaultError as e:
+            if not isinstance(e.__cause__, (hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden)):
+                raise
+
+    def lease_exists(self, token: str, lease_id: str) -> bool:
+        """Whether Vault still knows `lease_id` (sys/leases/lookup, which the default policy allows)."""
+        try:
+            self._call("look up a lease", lambda: self._client(token).sys.read_lease(lease_id))
+        except VaultUnavailableError:
+            raise
+        except VaultError as e:
+            if isinstance(e.__cause__, hvac.exceptions.InvalidRequest):
+                return False
+            raise
+        return True
 
     # -- error translation ----------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from devenv.openbao import DemoSeed, OpenBaoDevServer, bao_binary, seed_demo, wr
 from plugin.driver import Driver  # noqa: E402
 from plugin.seal import Sealer  # noqa: E402
 from plugin.store import Store  # noqa: E402
-from plugin.leases import Renewer  # noqa: E402
+from plugin.leases import Scheduler  # noqa: E402
 from tests.support.plugin import PluginProcess  # noqa: E402
 from tests.support.fakes import OPTIONS, FakeClock, FakeIdentity, FakeMounter, FakeVault  # noqa: E402
 
@@ -152,13 +152,20 @@ def clock():
 
 
 @pytest.fixture
-def renewer(vault, clock):
-    return Renewer(vault.renew_self, clock=clock, jitter=lambda low, high: low)
+def scheduler(clock, monkeypatch):
+    monkeypatch.setattr("plugin.leases.random.uniform", lambda low, high: low)  # no jitter: exact deadlines
+    return Scheduler(clock=clock)
 
 
 @pytest.fixture
-def driver(store, vault, identity, mounter, renewer):
-    d = Driver(store, vault, identity, mounter, renewer, hostname="host-a")
+def notified():
+    return []
+
+
+@pytest.fixture
+def driver(store, vault, identity, mounter, scheduler, notified):
+    d = Driver(store, vault, identity, mounter, scheduler, hostname="host-a",
+               notify=lambda volume, signal: notified.append((volume, signal)))
     d.create("web", OPTIONS)
     return d
 

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from plugin.driver import Driver
-from plugin.leases import Renewer
+from plugin.leases import Scheduler
 from plugin.errors import (
     IdentityUnavailableError,
     InvalidOptionError,
@@ -150,14 +150,15 @@ def test_revocation_owed_when_vault_is_down_is_retried(driver, vault, mounter, s
 
 def test_state_survives_a_new_driver_which_can_unmount_and_revoke(driver, store, vault, identity, mounter, clock):
     path = driver.mount("web", "a1")
-    renewer = Renewer(vault.renew_self, clock=clock)
-    restarted = Driver(store, vault, identity, mounter, renewer, hostname="host-a")
+    scheduler = Scheduler(clock=clock)
+    restarted = Driver(store, vault, identity, mounter, scheduler, hostname="host-a")
     restarted.reconcile()  # the tmpfs is still there: nothing to clean, its token is renewed at once
-    assert renewer.renew_due() is not None and vault.renewed == ["acc-1"]
+    scheduler.run_due()
+    assert vault.renewed == ["acc-1"]
     assert restarted.mount("web", "a1") == path  # docker cp re-mounts the same ID
     restarted.unmount("web", "a1")
     restarted.unmount("web", "a1")
-    assert vault.live == {} and mounter.mounted == {}
+    assert vault.live == {} and mounter.mounted == {} and len(scheduler) == 0
 
 
 def test_reconcile_undoes_half_made_and_vanished_mounts(driver, store, vault, mounter):
@@ -189,12 +190,70 @@ def test_concurrent_mounts_of_one_volume_are_all_isolated(driver, vault, mounter
     assert vault.live == {} and driver._locks == {}
 
 
-def test_mounted_tokens_are_renewed_until_unmount(driver, vault, renewer, clock):
-    driver.mount("web", "a1")
-    assert renewer.renew_due() == pytest.approx(3600 * 0.6)
+def test_mounted_tokens_are_renewed_until_unmount(driver, vault, scheduler, clock):
+    driver.create("norefresh", {**OPTIONS, "refresh": "0"})
+    driver.mount("norefresh", "a1")
+    assert scheduler.run_due() == pytest.approx(3600 * 0.6)
     clock.advance(3600 * 0.6)
-    renewer.renew_due()
+    scheduler.run_due()
     assert vault.renewed == ["acc-1"]
-    driver.unmount("web", "a1")
+    driver.unmount("norefresh", "a1")
     clock.advance(3600)
-    assert renewer.renew_due() is None and vault.renewed == ["acc-1"] and len(renewer) == 0
+    assert scheduler.run_due() is None and vault.renewed == ["acc-1"] and len(scheduler) == 0
+
+
+DB = {"role": "web", "secret.user": "database/creds/app#username", "secret.pass": "database/creds/app#password",
+      "template.dsn": 'postgresql://{{ secret("database/creds/app").username }}@db', "refresh": "0", "rotate-grace": "30s"}
+
+
+def test_files_from_one_dynamic_source_share_one_lease_which_dies_with_the_mount(driver, vault, mounter, store):
+    vault.dynamic["database/creds/app"] = 600
+    driver.create("db", DB)
+    driver.mount("db", "a1")
+    files = mounter.mounted[("db", "a1")]["files"]
+    assert files["user"] == b"user-2" and files["pass"] == b"pw-2" and files["dsn"] == b"postgresql://user-2@db"
+    assert [p for _, p in vault.reads] == ["database/creds/app"]
+    assert list(store.leases("db", "a1").values()) == ["database/creds/app/lease-2"]
+    driver.unmount("db", "a1")
+    assert vault.leases == {} and store.leases("db", "a1") == {}
+
+
+def test_lease_is_renewed_then_reissued_at_max_ttl_and_old_lease_revoked_after_grace(driver, vault, mounter, scheduler, clock, notified):
+    vault.dynamic["database/creds/app"] = 600
+    vault.lease_renewal_ttl = 600
+    driver.create("db", {**DB, "notify": "HUP"})
+    driver.mount("db", "a1")
+    clock.advance(600 * 0.6)
+    scheduler.run_due()  # the token's renewal is later; the lease is renewed for its full duration
+    assert vault.renewed == ["database/creds/app/lease-2"]
+    vault.lease_renewal_ttl = 100  # Vault caps the lease: its max TTL is near
+    clock.advance(600 * 0.6)
+    scheduler.run_due()
+    assert mounter.mounted[("db", "a1")]["files"]["user"] == b"user-2", "a capped lease still serves until re-issue"
+    clock.advance(100 * 0.6)
+    scheduler.run_due()
+    files = mounter.mounted[("db", "a1")]["files"]
+    assert files["user"] == b"user-3" and files["dsn"] == b"postgresql://user-3@db"
+    assert notified == [("db", "SIGHUP")]
+    assert set(vault.leases) == {"database/creds/app/lease-2", "database/creds/app/lease-3"}, "old lease kept for the grace"
+    clock.advance(30)
+    scheduler.run_due()
+    assert set(vault.leases) == {"database/creds/app/lease-3"}
+    driver.unmount("db", "a1")
+    assert vault.leases == {}
+
+
+def test_refresh_rewrites_only_when_a_kv2_version_changes(driver, vault, mounter, scheduler, clock, notified):
+    vault.versions["secret/data/web/db"] = 1
+    driver.create("kv", {**OPTIONS, "refresh": "60s", "notify": "SIGUSR1"})
+    driver.mount("kv", "a1")
+    reads = len(vault.reads)
+    clock.advance(60)
+    scheduler.run_due()
+    assert len(vault.reads) == reads and notified == [], "unchanged version: metadata only, no rewrite"
+    vault.versions["secret/data/web/db"] = 2
+    vault.secrets["secret/data/web/db"] = {"password": "rotated", "username": "web"}
+    clock.advance(60)
+    scheduler.run_due()
+    assert mounter.mounted[("kv", "a1")]["files"]["pw"] == b"rotated"
+    assert notified == [("kv", "SIGUSR1")]

@@ -7,8 +7,7 @@ import threading
 import pytest
 
 from plugin.errors import VaultError, VaultUnavailableError
-from plugin.leases import Renewer, renewal_delay, retry_delay
-from plugin.vault import IssuedToken
+from plugin.leases import Again, Scheduler, renewal_delay, retry_delay
 from tests.support.fakes import FakeClock
 
 
@@ -16,9 +15,11 @@ from tests.support.fakes import FakeClock
     "ttl, jitter, expected",
     [(3600, 0.6, 2160), (3600, 0.7, 2520), (10, 0.6, 6), (0, 0.6, 0), (-5, 0.6, 0)],
 )
-def test_renewal_is_due_at_two_thirds_of_the_ttl_with_jitter(ttl, jitter, expected):
-    assert renewal_delay(ttl, lambda low, high: jitter) == pytest.approx(expected)
-    assert 0.6 * max(ttl, 0) <= renewal_delay(ttl) <= 0.7 * max(ttl, 0)
+def test_renewal_is_due_at_two_thirds_of_the_ttl_with_jitter(ttl, jitter, expected, monkeypatch):
+    for _ in range(50):
+        assert 0.6 * max(ttl, 0) <= renewal_delay(ttl) <= 0.7 * max(ttl, 0)
+    monkeypatch.setattr("plugin.leases.random.uniform", lambda low, high: jitter)
+    assert renewal_delay(ttl) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(
@@ -29,19 +30,19 @@ def test_retry_backoff_doubles_caps_and_leaves_tries_before_expiry(remaining, at
     assert retry_delay(remaining, attempt) == expected
 
 
-class Vault:
-    """Renews tokens for `ttl` seconds unless told to be down or to have forgotten a token."""
+class Lived:
+    """Something with a TTL that a task renews: `down` makes it unreachable, `gone` refused for good."""
 
     def __init__(self, ttl=100):
-        self.ttl, self.down, self.forgotten, self.calls = ttl, False, set(), []
+        self.ttl, self.down, self.gone, self.calls = ttl, False, False, 0
 
-    def renew(self, token):
-        self.calls.append(token)
+    def renew(self):
+        self.calls += 1
         if self.down:
             raise VaultUnavailableError("unreachable")
-        if token in self.forgotten:
+        if self.gone:
             raise VaultError("permission denied")
-        return IssuedToken(token, f"acc-{token}", self.ttl, True)
+        return Again(renewal_delay(self.ttl), self.ttl)
 
 
 @pytest.fixture
@@ -49,85 +50,96 @@ def clock():
     return FakeClock()
 
 
-def make(vault, clock):
-    return Renewer(vault.renew, clock=clock, jitter=lambda low, high: low)
+@pytest.fixture(autouse=True)
+def no_jitter(monkeypatch):
+    monkeypatch.setattr("plugin.leases.random.uniform", lambda low, high: low)
 
 
-def test_items_are_renewed_in_deadline_order_and_rescheduled(clock):
-    vault = Vault(ttl=100)
-    renewer = make(vault, clock)
-    renewer.track("b", "tb", 50)
-    renewer.track("a", "ta", 20)
-    assert renewer.renew_due() == pytest.approx(12)
+def test_tasks_run_in_deadline_order_and_are_rescheduled(clock):
+    scheduler, order = Scheduler(clock=clock), []
+    for name, delay in (("b", 30), ("a", 12)):
+        scheduler.schedule(name, lambda name=name: order.append(name) or Again(60), delay)
+    assert scheduler.run_due() == pytest.approx(12)
     clock.advance(30)
-    assert renewer.renew_due() == pytest.approx(60) and vault.calls == ["ta", "tb"]
-    clock.advance(60)  # both renewed at t+30 for 100 s: due again at t+90
-    renewer.renew_due()
-    assert vault.calls == ["ta", "tb", "ta", "tb"]
+    assert scheduler.run_due() == pytest.approx(60) and order == ["a", "b"]
+    clock.advance(60)
+    scheduler.run_due()
+    assert order == ["a", "b", "a", "b"]
 
 
-def test_forgotten_items_are_never_renewed(clock):
-    vault = Vault()
-    renewer = make(vault, clock)
-    renewer.track("a", "ta", 10)
-    renewer.forget("a")
-    clock.advance(100)
-    assert renewer.renew_due() is None and vault.calls == [] and len(renewer) == 0
+def test_a_task_returning_none_is_done_and_cancelled_tasks_never_run(clock):
+    scheduler, runs = Scheduler(clock=clock), []
+    scheduler.schedule("once", lambda: runs.append("once"), 1)
+    scheduler.schedule("cancelled", lambda: runs.append("cancelled"), 1)
+    scheduler.cancel("cancelled")
+    clock.advance(5)
+    assert scheduler.run_due() is None and runs == ["once"] and len(scheduler) == 0
+
+
+def test_cancel_where_drops_a_whole_mount(clock):
+    scheduler = Scheduler(clock=clock)
+    for key in [("mount", "v", "m1", "token"), ("mount", "v", "m1", "lease", "db"), ("mount", "v", "m2", "token")]:
+        scheduler.schedule(key, lambda: Again(10), 10)
+    scheduler.cancel_where(lambda key: key[:3] == ("mount", "v", "m1"))
+    assert ("mount", "v", "m2", "token") in scheduler and len(scheduler) == 1
 
 
 def test_outage_is_retried_with_backoff_then_recovers(clock):
-    vault = Vault()
-    renewer = make(vault, clock)
-    renewer.track("a", "ta", 100)
+    scheduler, lived = Scheduler(clock=clock), Lived(ttl=100)
+    scheduler.schedule("t", lived.renew, 60, lifetime=100)
     clock.advance(60)
-    vault.down = True
-    assert renewer.renew_due() == pytest.approx(1)
+    lived.down = True
+    assert scheduler.run_due() == pytest.approx(1)
     clock.advance(1)
-    assert renewer.renew_due() == pytest.approx(2)
-    vault.down = False
+    assert scheduler.run_due() == pytest.approx(2)
+    lived.down = False
     clock.advance(2)
-    assert renewer.renew_due() == pytest.approx(60) and len(vault.calls) == 3
+    assert scheduler.run_due() == pytest.approx(60) and lived.calls == 3
 
 
-def test_item_that_expires_during_an_outage_is_dropped(clock):
-    vault = Vault()
-    renewer = make(vault, clock)
-    renewer.track("a", "ta", 10)
-    vault.down = True
+def test_task_whose_lifetime_ends_during_an_outage_is_dropped(clock):
+    scheduler, lived = Scheduler(clock=clock), Lived()
+    lived.down = True
+    scheduler.schedule("t", lived.renew, 0, lifetime=10)
     clock.advance(11)
-    assert renewer.renew_due() is None and len(renewer) == 0
+    assert scheduler.run_due() is None and len(scheduler) == 0
 
 
-def test_token_vault_no_longer_knows_is_dropped(clock):
-    vault = Vault()
-    vault.forgotten.add("ta")
-    renewer = make(vault, clock)
-    renewer.track("a", "ta", 0)
-    assert renewer.renew_due() is None and len(renewer) == 0
+def test_task_vault_refuses_for_good_is_dropped(clock):
+    scheduler, lived = Scheduler(clock=clock), Lived()
+    lived.gone = True
+    scheduler.schedule("t", lived.renew, 0)
+    assert scheduler.run_due() is None and len(scheduler) == 0
 
 
-def test_run_wakes_for_new_items_and_stops():
-    vault = Vault(ttl=3600)
-    renewer = Renewer(vault.renew)
+def test_an_unexpected_error_drops_only_that_task(clock):
+    scheduler, ran = Scheduler(clock=clock), []
+    scheduler.schedule("bug", lambda: 1 / 0, 0)
+    scheduler.schedule("ok", lambda: ran.append(1), 0)
+    scheduler.run_due()
+    assert ran == [1] and len(scheduler) == 0
+
+
+def test_run_wakes_for_new_tasks_and_stops():
+    scheduler, ran = Scheduler(), []
     stop = threading.Event()
-    thread = threading.Thread(target=renewer.run, args=(stop,))
+    thread = threading.Thread(target=scheduler.run, args=(stop,))
     thread.start()
-    renewer.track("a", "ta", 0)  # due now: the sleeping thread must wake for it
+    scheduler.schedule("now", lambda: ran.append(1), 0)  # the sleeping thread must wake for it
     for _ in range(200):
-        if vault.calls:
+        if ran:
             break
         threading.Event().wait(0.01)
     stop.set()
-    renewer.wake()
+    scheduler.wake()
     thread.join(5)
-    assert vault.calls == ["ta"] and not thread.is_alive()
+    assert ran == [1] and not thread.is_alive()
 
 
 def test_heap_stays_bounded_under_churn(clock):
-    vault = Vault()
-    renewer = make(vault, clock)
+    scheduler = Scheduler(clock=clock)
     for i in range(1000):
-        renewer.track(i, f"t{i}", 100)
-        renewer.forget(i)
+        scheduler.schedule(i, lambda: Again(100), 100)
+        scheduler.cancel(i)
     clock.advance(100)
-    assert renewer.renew_due() is None and renewer._heap == []
+    assert scheduler.run_due() is None and scheduler._heap == []

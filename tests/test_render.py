@@ -10,7 +10,7 @@ import pytest
 
 from plugin.errors import SecretFormatError
 from plugin.render import render_file, render_files
-from plugin.spec import SecretFile, parse_spec
+from plugin.spec import SecretFile, Source, parse_spec
 
 SECRET_VALUE = "hunter2-do-not-leak"
 
@@ -186,8 +186,8 @@ def test_render_files_renders_each_file_from_its_path():
         }
     )
     secrets = {
-        "secret/data/web/db": {"password": "pw", "username": "alice"},
-        "secret/data/web/api": {"KEY": "k"},
+        Source("secret/data/web/db"): {"password": "pw", "username": "alice"},
+        Source("secret/data/web/api"): {"KEY": "k"},
     }
 
     assert render_files(spec, secrets) == {
@@ -202,4 +202,62 @@ def test_render_files_fails_if_any_field_is_missing():
     spec = parse_spec({"role": "web", "secret.a": "kv/web#a", "secret.b": "kv/web#b"})
 
     with pytest.raises(SecretFormatError, match="'b'"):
-        render_files(spec, {"kv/web": {"a": SECRET_VALUE}})
+        render_files(spec, {Source("kv/web"): {"a": SECRET_VALUE}})
+
+
+PKI = {
+    "certificate": "-----BEGIN CERTIFICATE-----\nLEAF\n-----END CERTIFICATE-----",
+    "issuing_ca": "-----BEGIN CERTIFICATE-----\nCA\n-----END CERTIFICATE-----",
+    "ca_chain": ["-----BEGIN CERTIFICATE-----\nCA\n-----END CERTIFICATE-----\n"],
+    "private_key": "-----BEGIN RSA PRIVATE KEY-----\nKEY\n-----END RSA PRIVATE KEY-----",
+}
+
+
+def test_pem_is_certificate_then_chain_and_the_key_stays_in_its_own_file():
+    spec = parse_spec({
+        "role": "web",
+        "secret.tls.crt": "pki/issue/web?common_name=web.internal", "format.tls.crt": "pem",
+        "secret.tls.key": "pki/issue/web?common_name=web.internal#private_key",
+    })
+    files = render_files(spec, {spec.sources[0]: PKI})
+    assert files["tls.crt"] == (PKI["certificate"] + "\n" + PKI["ca_chain"][0]).encode()
+    assert b"PRIVATE KEY" not in files["tls.crt"]
+    assert files["tls.key"] == PKI["private_key"].encode()
+    without_chain = {k: v for k, v in PKI.items() if k != "ca_chain"}
+    assert render_files(spec, {spec.sources[0]: without_chain})["tls.crt"].count(b"BEGIN CERTIFICATE") == 2
+
+
+def test_pem_without_a_certificate_is_refused():
+    spec = parse_spec({"role": "web", "secret.c": "kv/web", "format.c": "pem"})
+    with pytest.raises(SecretFormatError, match="no certificate"):
+        render_files(spec, {spec.sources[0]: {"password": SECRET_VALUE}})
+
+
+def test_template_renders_several_sources_and_only_can_limit_the_files():
+    spec = parse_spec({
+        "role": "web",
+        "template.dsn": 'postgresql://{{ secret("database/creds/app").username }}:'
+                        '{{ secret("database/creds/app").password }}@db/{{ secret("kv/web").name }}',
+        "secret.other": "kv/web#name",
+    })
+    db, kv = Source("database/creds/app"), Source("kv/web")
+    secrets = {db: {"username": "u1", "password": "p1"}, kv: {"name": "app"}}
+    assert render_files(spec, secrets) == {"dsn": b"postgresql://u1:p1@db/app", "other": b"app"}
+    assert render_files(spec, secrets, only={db}) == {"dsn": b"postgresql://u1:p1@db/app"}
+
+
+def test_template_errors_name_the_file_and_not_the_value():
+    spec = parse_spec({"role": "web", "template.t": '{{ secret("kv/web").passwrd }}'})
+    with pytest.raises(SecretFormatError, match="template t: 'dict object' has no attribute 'passwrd'") as caught:
+        render_files(spec, {spec.sources[0]: {"password": SECRET_VALUE}})
+    assert SECRET_VALUE not in str(caught.value)
+    spec = parse_spec({"role": "web", "template.t": '{{ secret("kv/web").password + 1 }}'})
+    with pytest.raises(SecretFormatError, match="TypeError") as caught:
+        render_files(spec, {spec.sources[0]: {"password": SECRET_VALUE}})
+    assert SECRET_VALUE not in str(caught.value)
+
+
+def test_template_cannot_reach_python_internals():
+    spec = parse_spec({"role": "web", "template.t": '{{ secret("kv/web").__class__.__mro__ }}'})
+    with pytest.raises(SecretFormatError, match="SecurityError"):
+        render_files(spec, {spec.sources[0]: {}})

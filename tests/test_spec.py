@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from plugin.errors import InvalidOptionError
-from plugin.spec import DEFAULT_MODE, DEFAULT_SIZE, DEFAULT_TTL, MAX_FILES, SecretFile, Spec, parse_spec
+from plugin.spec import DEFAULT_MODE, DEFAULT_SIZE, DEFAULT_TTL, MAX_FILES, SecretFile, Source, Spec, parse_spec
 
 VALID = {"role": "web", "secret.db_password": "secret/data/web/db#password"}
 HUGE = 10_000
@@ -69,7 +69,7 @@ def test_full_example_gives_every_field():
     )
 
 
-def test_paths_are_distinct_in_first_use_order():
+def test_sources_are_distinct_in_first_use_order():
     spec = parse_spec(
         {
             "role": "web",
@@ -81,7 +81,50 @@ def test_paths_are_distinct_in_first_use_order():
         }
     )
 
-    assert spec.paths == ("kv/c", "kv/a", "kv/b")
+    assert [str(s) for s in spec.sources] == ["kv/c", "kv/a", "kv/b"]
+
+
+def test_sources_with_parameters_and_templates_share_requests():
+    spec = parse_spec(
+        {
+            "role": "web",
+            "secret.cert": "pki/issue/web?common_name=web.internal&ttl=24h",
+            "format.cert": "pem",
+            "secret.key": "pki/issue/web?common_name=web.internal&ttl=24h#private_key",
+            "secret.user": "database/creds/app#username",
+            "template.dsn": 'postgresql://{{ secret("database/creds/app").username }}@db/app',
+            "refresh": "0",
+            "rotate-grace": "2m",
+            "notify": "hup",
+        }
+    )
+    assert [str(s) for s in spec.sources] == [
+        "database/creds/app",
+        "pki/issue/web?common_name=web.internal&ttl=24h",
+    ]
+    assert spec.sources[1] == Source("pki/issue/web", (("common_name", "web.internal"), ("ttl", "24h")))
+    dsn = next(f for f in spec.files if f.name == "dsn")
+    assert dsn.format == "template" and dsn.refs == (("database/creds/app", Source("database/creds/app")),)
+    assert (spec.refresh, spec.rotate_grace, spec.notify) == (0, 120, "SIGHUP")
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ({"secret.x": "pki/issue/web?common_name"}, "key=value pairs"),
+        ({"secret.x": "pki/issue/web?a b=c#f"}, "forbidden character"),
+        ({"template.x": "{{ secret(path) }}"}, "one quoted Vault path"),
+        ({"template.x": "{{ range(3) }}"}, "unknown name 'range'"),
+        ({"template.x": '{{ secret("kv/a#f") }}'}, "not #field"),
+        ({"template.x": "{% if %}"}, "syntax error on line 1"),
+        ({"template.x": "a", "secret.x": "kv/a#b"}, "keep one"),
+        ({"secret.x": "kv/a#b", "notify": "KILL"}, "option notify='KILL'"),
+        ({"secret.x": "kv/a#b", "refresh": "soon"}, "option refresh='soon'"),
+        ({"secret.x": "kv/a#b", "format.x": "pem"}, "format pem renders the whole secret"),
+    ],
+)
+def test_lease_and_template_options_are_validated(options, expected):
+    assert expected in refusal({"role": "web", **options})
 
 
 def test_defaults():

@@ -10,7 +10,7 @@ import itertools
 from pathlib import Path
 
 from plugin.errors import IdentityUnavailableError, MountError, VaultError, VaultUnavailableError
-from plugin.vault import IssuedToken
+from plugin.vault import Fetched, IssuedToken
 
 OPTIONS = {"role": "web", "secret.pw": "secret/data/web/db#password", "secret.all": "secret/data/web/db", "uid": "1000"}
 SECRETS = {"secret/data/web/db": {"password": "hunter2", "username": "web"}}
@@ -24,7 +24,11 @@ class FakeVault:
         self.live: dict[str, str] = {}  # token -> accessor
         self.minted: list[tuple[str, dict]] = []
         self.reads: list[tuple[str, str]] = []
-        self.renewed: list[str] = []  # accessors, in renewal order
+        self.renewed: list[str] = []  # accessors and lease IDs, in renewal order
+        self.versions: dict[str, int] = {}  # KV v2 path -> current version
+        self.dynamic: dict[str, int] = {}  # path -> lease duration of the credentials it issues
+        self.leases: dict[str, str] = {}  # lease ID -> token that created it
+        self.lease_renewal_ttl = 3600
         self.unavailable = False
         self.denied_paths: set[str] = set()
         self._ids = itertools.count(1)
@@ -37,13 +41,36 @@ class FakeVault:
         self.minted.append((role, dict(meta)))
         return IssuedToken(token, accessor, ttl, True)
 
-    def read_secret(self, token, path):
+    def fetch(self, token, path, params=()):
         self._check()
         assert token in self.live, "read with a revoked or unknown token"
         self.reads.append((token, path))
         if path in self.denied_paths:
             raise VaultError(f"Vault denied permission to read {path}: permission denied")
-        return self.secrets[path]
+        if path in self.dynamic:
+            n = next(self._ids)
+            lease = f"{path}/lease-{n}"
+            self.leases[lease] = token
+            return Fetched({"username": f"user-{n}", "password": f"pw-{n}"}, lease, self.dynamic[path], True)
+        return Fetched(self.secrets[path], version=self.versions.get(path))
+
+    def kv2_current_version(self, token, path):
+        self._check()
+        return self.versions[path]
+
+    def renew_lease(self, token, lease_id, increment=None):
+        self._check()
+        if lease_id not in self.leases:
+            raise VaultError("Vault refused to renew a lease: invalid lease ID")
+        self.renewed.append(lease_id)
+        return self.lease_renewal_ttl
+
+    def revoke_lease(self, token, lease_id):
+        self._check()
+        self.leases.pop(lease_id, None)
+
+    def lease_exists(self, token, lease_id):
+        return lease_id in self.leases
 
     def renew_self(self, token):
         self._check()
@@ -55,6 +82,9 @@ class FakeVault:
     def revoke_self(self, token):
         self._check()
         self.live.pop(token, None)
+        # Like Vault: revoking a token revokes the leases it created.
+        for lease in [lease for lease, owner in self.leases.items() if owner == token]:
+            del self.leases[lease]
 
     def _check(self):
         if self.unavailable:
@@ -78,6 +108,12 @@ class FakeMounter:
             raise MountError("could not create the tmpfs: no space")
         self.mounted[(volume, mount_id)] = {"files": dict(files), "uid": uid, "gid": gid, "mode": mode, "size": size}
         return self.view_path(volume, mount_id)
+
+    def rewrite(self, volume, mount_id, files, *, uid, gid, mode):
+        current = self.mounted[(volume, mount_id)]["files"]
+        written = [name for name, content in files.items() if current.get(name) != content]
+        current.update(files)
+        return written
 
     def unmount(self, volume, mount_id):
         self.mounted.pop((volume, mount_id), None)

@@ -1,0 +1,77 @@
+"""`template.<file>=...`: several secrets rendered into one file by a sandboxed Jinja2 template. Pure.
+
+A template reaches exactly one global, `secret("<source>")`, which returns that source's data, and
+Jinja2's built-in filters. Sources must be string literals so that Create can validate them and Mount
+knows every request up front. Errors name the file and the problem, never a secret value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, UndefinedError, nodes
+from jinja2.sandbox import SandboxedEnvironment
+
+from plugin.errors import InvalidOptionError, SecretFormatError
+
+MAX_TEMPLATE = 16 << 10
+
+_ENV = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+_ENV.globals.clear()  # no range, dict, lipsum, cycler, joiner, namespace: only secret() is given
+
+
+def template_sources(name: str, text: str) -> tuple[str, ...]:
+    """The literal arguments of every `secret(...)` call, in order. Raises `InvalidOptionError`."""
+    if len(text) > MAX_TEMPLATE:
+        raise InvalidOptionError(f"option template.{name}: templates are limited to {MAX_TEMPLATE // 1024} KiB")
+    try:
+        tree = _ENV.parse(text)
+    except TemplateSyntaxError as e:
+        raise InvalidOptionError(f"option template.{name}: syntax error on line {e.lineno}: {e.message}") from e
+    sources = []
+    for call in tree.find_all(nodes.Call):
+        if not (isinstance(call.node, nodes.Name) and call.node.name == "secret"):
+            continue
+        args = call.args
+        if len(args) != 1 or call.kwargs or not isinstance(args[0], nodes.Const) or not isinstance(args[0].value, str):
+            raise InvalidOptionError(
+                f'option template.{name}: secret() takes one quoted Vault path, e.g. secret("database/creds/app")'
+            )
+        sources.append(args[0].value)
+    allowed = {"secret", "loop"} | _bound_names(tree)
+    for used in tree.find_all(nodes.Name):
+        if used.ctx == "load" and used.name not in allowed:
+            raise InvalidOptionError(
+                f"option template.{name}: unknown name {used.name!r}; a template can use only secret(\"<path>\")"
+            )
+    return tuple(dict.fromkeys(sources))
+
+
+def _bound_names(tree: nodes.Template) -> set[str]:
+    """Names the template binds itself, with {% for %} and {% set %}."""
+    names = set()
+    for node in tree.find_all((nodes.For, nodes.Assign)):
+        targets = [node.target, *node.target.find_all(nodes.Name)]
+        names.update(t.name for t in targets if isinstance(t, nodes.Name))
+    return names
+
+
+def render_template(name: str, text: str, secrets: Mapping[str, Mapping[str, Any]]) -> str:
+    """Render template file `name`; `secrets` maps each literal `secret()` argument to its data.
+
+    Raises `SecretFormatError` naming the file and what is wrong (a missing field, a type error).
+    """
+    def secret(source: str) -> Mapping[str, Any]:
+        return secrets[source]
+
+    try:
+        return _ENV.from_string(text).render(secret=secret)
+    except UndefinedError as e:
+        # Jinja2 names the missing attribute and the kind of object, not its content.
+        raise SecretFormatError(f"template {name}: {e.message}") from e
+    except TemplateError as e:
+        raise SecretFormatError(f"template {name}: {type(e).__name__} while rendering") from e
+    except (TypeError, ValueError, ArithmeticError) as e:
+        # Their messages can quote operands, which may be secret values: only the kind is reported.
+        raise SecretFormatError(f"template {name}: {type(e).__name__} while rendering (check the expressions)") from e
