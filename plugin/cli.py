@@ -40,11 +40,14 @@ def main() -> None:
               show_default=True, help="Comma-separated glob patterns of creation paths accepted for wrapped-token= volumes.")
 @click.option("--control-socket", type=click.Path(path_type=Path), envvar="VAULT_SECRETS_CONTROL_SOCKET",
               help="Root-only socket for operator commands.  [default: <state-dir>/control.sock]")
+@click.option("--docker-socket", type=click.Path(path_type=Path), envvar="VAULT_SECRETS_DOCKER_SOCKET",
+              help="dockerd's API socket (e.g. /run/docker.sock): enables notify= and releasing mounts of containers "
+                   "that stopped without an Unmount (dockerd restart).")
 @click.option("--log-level", envvar="VAULT_SECRETS_LOG_LEVEL", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def serve(socket_path, state_dir, mount_root, vault_addr, vault_cacert, vault_namespace, vault_timeout,
           approle_mount, role_id, role_id_file, wrapped_secret_id_file, wrap_allowed_paths, control_socket,
-          log_level) -> None:
+          docker_socket, log_level) -> None:
     """Serve the volume plugin protocol on a Unix socket."""
     if role_id_file is not None:
         if role_id:
@@ -66,6 +69,7 @@ def serve(socket_path, state_dir, mount_root, vault_addr, vault_cacert, vault_na
         wrapped_secret_id_file=wrapped_secret_id_file,
         wrap_allowed_paths=_allowed_paths(wrap_allowed_paths),
         control_socket=control_socket,
+        docker_socket=docker_socket,
         hostname=socket.gethostname(),
     )
     from plugin.server import serve as run  # gunicorn is imported only by the command that needs it

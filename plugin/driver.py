@@ -14,7 +14,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -293,6 +293,29 @@ class Driver:
                     self._teardown(record)
                 else:
                     self._start_upkeep(record, parse_spec(volume.options))
+
+    def release_unused(self, running_containers_using: Callable[[str], list[str]], min_age: float = 60.0) -> int:
+        """Tear down the mounts of volumes that no running container uses (dockerd restarted without
+        live-restore sends no Unmount). Mounts younger than `min_age` may be of a container still
+        starting, so a volume is left alone until all its mounts are older. Returns how many were released."""
+        by_volume: dict[str, list[MountRecord]] = {}
+        for record in self._store.mounts():
+            if record.refcount > 0:
+                by_volume.setdefault(record.volume, []).append(record)
+        released = 0
+        now = time.time()
+        for volume, records in by_volume.items():
+            if any(now - r.created_at < min_age for r in records) or running_containers_using(volume):
+                continue
+            for record in records:
+                with self._hold((record.volume, record.mount_id)):
+                    if self._store.mount(record.volume, record.mount_id) is None:
+                        continue
+                    log.warning("releasing mount %s of volume %s: no running container uses the volume "
+                                "(dockerd restarted without sending Unmount?)", record.mount_id, volume)
+                    self._teardown(record)
+                    released += 1
+        return released
 
     def retry_pending_revocations(self) -> int:
         """Revoke tokens whose revocation failed earlier. Returns how many are still pending."""

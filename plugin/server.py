@@ -18,6 +18,7 @@ from collections.abc import Callable
 from gunicorn.app.base import BaseApplication
 
 from plugin.app import create_app, create_control_app
+from plugin.docker_api import DockerAPI
 from plugin.driver import Driver
 from plugin.errors import PluginError, StateError
 from plugin.identity import Identity
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 # gunicorn's arbiter halts with this status when a worker exits with it ("worker failed to boot").
 WORKER_BOOT_ERROR = 3
-REVOCATION_RETRY_SECONDS = 30.0
+MAINTENANCE_SECONDS = 30.0
 
 
 @dataclasses.dataclass
@@ -42,6 +43,7 @@ class Service:
     scheduler: Scheduler
     store: Store
     stop: threading.Event
+    docker: DockerAPI | None = None
 
 
 def prepare_state_dir(settings: Settings) -> None:
@@ -75,9 +77,10 @@ def build_service(settings: Settings) -> Service:
         wrapped_secret_id_file=settings.wrapped_secret_id_file,
     )
     scheduler = Scheduler()
+    docker = DockerAPI(settings.docker_socket) if settings.docker_socket else None
     driver = Driver(store, vault, identity, TmpfsMounter(settings.mount_root), scheduler, hostname=settings.hostname,
-                    wrap_allowed_paths=settings.wrap_allowed_paths)
-    return Service(driver, identity, scheduler, store, threading.Event())
+                    wrap_allowed_paths=settings.wrap_allowed_paths, notify=docker.signal if docker else None)
+    return Service(driver, identity, scheduler, store, threading.Event(), docker)
 
 
 def start_background(service: Service) -> None:
@@ -88,11 +91,20 @@ def start_background(service: Service) -> None:
 
 
 def _maintain(service: Service) -> None:
+    """Reconcile once at start, then periodically: retry owed revocations and, with a docker socket,
+    release mounts whose containers are gone."""
     try:
         service.driver.reconcile()
     except PluginError as e:
         log.error("reconciliation of stale mounts failed: %s", e)
-    while not service.stop.wait(REVOCATION_RETRY_SECONDS):
+    while True:
+        if service.docker is not None:
+            try:
+                service.driver.release_unused(service.docker.running_containers_using)
+            except PluginError as e:
+                log.warning("checking for mounts of stopped containers failed: %s", e)
+        if service.stop.wait(MAINTENANCE_SECONDS):
+            return
         try:
             service.driver.retry_pending_revocations()
         except PluginError as e:

@@ -28,6 +28,7 @@ class Settings:
     wrapped_secret_id_file: Path | None = None
     wrap_allowed_paths: tuple[str, ...] = DEFAULT_ALLOWED_PATHS
     control_socket: Path | None = None
+    docker_socket: Path | None = None
     hostname: str = ""
 
     @property

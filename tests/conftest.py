@@ -192,3 +192,40 @@ def start_plugin(bao, short_tmp):
     yield start
     for process in started:
         process.stop()
+
+
+# -- PostgreSQL with the database secrets engine (dynamic credentials) --
+
+
+class Databases:
+    """A throwaway PostgreSQL behind two database engine mounts of the session's OpenBao, both granting
+    role `app` to policy `web`: `db` (1h leases) and `dbshort` (4s leases, 12s max TTL, for rotation)."""
+
+    def __init__(self, pg):
+        self.pg = pg
+
+
+@pytest.fixture(scope="session")
+def databases(bao, tmp_path_factory) -> Iterator[Databases]:
+    from devenv.database import configure_database_engine
+    from tests.support.postgres import PostgresServer, pg_bindir
+
+    try:
+        pg_bindir()
+        available = True
+    except RuntimeError:
+        available = False
+    require(available, "PostgreSQL (initdb, pg_ctl)", "apt-get install postgresql")
+    pg = PostgresServer.start(tmp_path_factory.mktemp("postgres"))
+    try:
+        for mount, ttl, max_ttl in (("db", "1h", "24h"), ("dbshort", "4s", "12s")):
+            configure_database_engine(bao.root, pg.host, pg.port, pg.superuser, pg.password, mount=mount, role="app",
+                                      default_ttl=ttl, max_ttl=max_ttl)
+        yield Databases(pg)
+    finally:
+        for mount in ("db", "dbshort"):  # revokes what a failed test left, while PostgreSQL is still up
+            try:
+                bao.root.sys.disable_secrets_engine(mount)
+            except Exception:  # best effort in teardown; the server goes away next
+                pass
+        pg.stop()

@@ -257,3 +257,15 @@ def test_refresh_rewrites_only_when_a_kv2_version_changes(driver, vault, mounter
     scheduler.run_due()
     assert mounter.mounted[("kv", "a1")]["files"]["pw"] == b"rotated"
     assert notified == [("kv", "SIGUSR1")]
+
+
+def test_mounts_of_volumes_no_running_container_uses_are_released(driver, vault, mounter, store, monkeypatch):
+    driver.create("other", OPTIONS)
+    driver.mount("web", "a1")
+    driver.mount("other", "b1")
+    in_use = {"web": ["c1"], "other": []}
+    assert driver.release_unused(lambda volume: in_use[volume]) == 0, "all mounts are too young to judge"
+    later = __import__("time").time() + 120
+    monkeypatch.setattr("plugin.driver.time.time", lambda: later)
+    assert driver.release_unused(lambda volume: in_use[volume]) == 1
+    assert list(mounter.mounted) == [("web", "a1")] and len(vault.live) == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,8 @@ def plugin(bao, docker, short_tmp, unique_name):
     socket = PLUGINS_DIR / f"{unique_name}.sock"
     process = PluginProcess(socket, short_tmp / "state", bao.addr, role_id=bao.seed.role_id,
                             wrapped_secret_id_file=bao.write_wrapped_secret_id(short_tmp / "wrapped"),
-                            log_path=short_tmp / "plugin.log")
+                            log_path=short_tmp / "plugin.log",
+                            extra=["--docker-socket", docker.host.removeprefix("unix://")])
     process.name = unique_name
     process.mount_root = short_tmp / "state" / "mounts"
     try:
@@ -162,3 +164,39 @@ def _sealed_identity_token(state: Path) -> str:
         return store.identity().token
     finally:
         store.close()
+
+
+def test_database_user_exists_while_the_container_runs_and_not_after(docker, plugin, databases, unique_name):
+    create_volume(docker, plugin, unique_name, "secret.db_user=db/creds/app#username", "secret.db_pass=db/creds/app#password")
+    container = docker.docker("run", "-d", "--network", "none", "--user", "1000", "-v", f"{unique_name}:/run/secrets:ro",
+                              docker.image, "sleep", "60").stdout.strip()
+    try:
+        user = docker.docker("exec", container, "cat", "/run/secrets/db_user").stdout
+        password = docker.docker("exec", container, "cat", "/run/secrets/db_pass").stdout
+        assert databases.pg.can_login(user, password)
+    finally:
+        docker.docker("rm", "-f", container)
+    assert not databases.pg.role_exists(user)
+
+
+def test_reissued_credential_swaps_under_a_reading_container_and_it_is_signalled(docker, plugin, databases, unique_name):
+    create_volume(docker, plugin, unique_name, "secret.db_user=dbshort/creds/app#username", "rotate-grace=2s",
+                  "refresh=0", "notify=SIGHUP")
+    # The container reads the file five times a second and records each SIGHUP.
+    script = ("trap 'echo SIGNAL' HUP; while true; do echo \"READ $(cat /run/secrets/db_user)\"; sleep 0.2 & wait $!; done")
+    container = docker.docker("run", "-d", "--network", "none", "--user", "1000", "-v", f"{unique_name}:/run/secrets:ro",
+                              docker.image, "sh", "-c", script).stdout.strip()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            logs = docker.docker("logs", container).stdout.splitlines()
+            users = list(dict.fromkeys(line.removeprefix("READ ") for line in logs if line.startswith("READ ")))
+            if len(users) >= 2 and "SIGNAL" in logs:
+                break
+            time.sleep(0.5)
+        assert len(users) >= 2, f"no re-issue seen in the container: {users}"
+        assert all(u.startswith("v-") for u in users), f"a read saw a partial or empty file: {users}"
+        assert "SIGNAL" in logs
+        assert databases.pg.role_exists(users[-1])
+    finally:
+        docker.docker("rm", "-f", container)

@@ -1,0 +1,42 @@
+"""The little of dockerd's API the plugin uses (optional, with --docker-socket): which running
+containers use a volume, and signalling them after their secrets changed."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import urllib.parse
+from pathlib import Path
+
+from plugin.errors import PluginError
+from plugin.unixhttp import request
+
+
+class DockerError(PluginError):
+    """dockerd could not be reached or refused a call."""
+
+
+class DockerAPI:
+    def __init__(self, socket_path: Path, timeout: float = 5.0):
+        self._socket, self._timeout = socket_path, timeout
+
+    def running_containers_using(self, volume: str) -> list[str]:
+        """IDs of running containers that mount `volume`."""
+        query = urllib.parse.urlencode({"filters": json.dumps({"volume": [volume]})})
+        containers = self._call("GET", f"/containers/json?{query}")
+        return [c["Id"] for c in containers or []]
+
+    def signal(self, volume: str, signal: str) -> None:
+        """Send `signal` (e.g. SIGHUP) to every running container using `volume`."""
+        for container in self.running_containers_using(volume):
+            self._call("POST", f"/containers/{container}/kill?signal={urllib.parse.quote(signal)}")
+
+    def _call(self, method: str, url: str):
+        try:
+            status, reply = request(self._socket, method, url, timeout=self._timeout)
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            raise DockerError(f"cannot reach dockerd at {self._socket}: {e}") from e
+        if status >= 400:
+            message = reply.get("message") if isinstance(reply, dict) else ""
+            raise DockerError(f"dockerd refused {method} {url.split('?')[0]}: {status} {message}")
+        return reply

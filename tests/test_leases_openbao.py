@@ -1,0 +1,118 @@
+"""Dynamic secrets and their leases against real OpenBao, real PostgreSQL and the real plugin process:
+database credentials that live exactly as long as the mount, PKI certificates, lease renewal, re-issue
+at max TTL with the files swapped, and refresh of static secrets."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+pytestmark = pytest.mark.openbao
+
+MOUNT_ID = "cd" * 32
+
+
+def db_options(mount: str = "db", **extra: str) -> dict[str, str]:
+    return {
+        "role": "web",
+        "secret.username": f"{mount}/creds/app#username",
+        "secret.password": f"{mount}/creds/app#password",
+        "template.dsn": f'postgresql://{{{{ secret("{mount}/creds/app").username }}}}@127.0.0.1/postgres',
+        **extra,
+    }
+
+
+def read(view: str, name: str) -> str:
+    return Path(view, name).read_text()
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_database_credential_lives_exactly_as_long_as_the_mount(start_plugin, bao, databases):
+    plugin = start_plugin()
+    plugin.client.ok("VolumeDriver.Create", {"Name": "db", "Opts": db_options()})
+    view = plugin.client.ok("VolumeDriver.Mount", {"Name": "db", "ID": MOUNT_ID})["Mountpoint"]
+    username, password = read(view, "username"), read(view, "password")
+    assert read(view, "dsn") == f"postgresql://{username}@127.0.0.1/postgres", "one request, one credential"
+    assert databases.pg.can_login(username, password)
+    [lease] = bao.root.list("sys/leases/lookup/db/creds/app")["data"]["keys"]
+    plugin.client.ok("VolumeDriver.Unmount", {"Name": "db", "ID": MOUNT_ID})
+    assert not databases.pg.role_exists(username)
+    with pytest.raises(Exception):
+        bao.root.sys.read_lease(f"db/creds/app/{lease}")
+    assert "lease.revoke" in plugin.log()
+
+
+def test_pki_certificate_and_key_from_one_issue_request(start_plugin, bao):
+    if "pki/" not in bao.root.sys.list_mounted_secrets_engines()["data"]:
+        bao.root.sys.enable_secrets_engine("pki", config={"max_lease_ttl": "48h"})
+        bao.root.write_data("pki/root/generate/internal", data={"common_name": "vault-secrets test CA", "ttl": "48h"})
+        bao.root.write_data("pki/roles/web", data={"allowed_domains": "internal", "allow_subdomains": True, "max_ttl": "24h"})
+        bao.root.sys.create_or_update_policy("pki-web", 'path "pki/issue/web" { capabilities = ["update"] }\n')
+        bao.root.write_data("auth/token/roles/pki", data={"allowed_policies": "pki-web"})
+        bao.root.sys.create_or_update_policy(
+            "vault-secrets-plugin",
+            bao.root.sys.read_policy("vault-secrets-plugin")["data"]["rules"] + 'path "auth/token/create/pki" { capabilities = ["update"] }\n',
+        )
+    plugin = start_plugin()
+    source = "pki/issue/web?common_name=web.internal&ttl=1h"
+    plugin.client.ok("VolumeDriver.Create", {"Name": "tls", "Opts": {
+        "role": "pki", "secret.tls.crt": source, "format.tls.crt": "pem", "secret.tls.key": f"{source}#private_key"}})
+    view = plugin.client.ok("VolumeDriver.Mount", {"Name": "tls", "ID": MOUNT_ID})["Mountpoint"]
+    chain = x509.load_pem_x509_certificates(Path(view, "tls.crt").read_bytes())
+    assert chain[0].subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == "web.internal"
+    assert chain[1].subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == "vault-secrets test CA"
+    key = serialization.load_pem_private_key(Path(view, "tls.key").read_bytes(), password=None)
+    assert key.public_key().public_numbers() == chain[0].public_key().public_numbers(), "key and certificate from one request"
+    plugin.client.ok("VolumeDriver.Unmount", {"Name": "tls", "ID": MOUNT_ID})
+
+
+def test_short_lease_is_renewed_then_reissued_at_max_ttl_with_files_swapped(start_plugin, bao, databases):
+    plugin = start_plugin()
+    plugin.client.ok("VolumeDriver.Create", {"Name": "short", "Opts": db_options("dbshort", **{"rotate-grace": "2s", "refresh": "0"})})
+    view = plugin.client.ok("VolumeDriver.Mount", {"Name": "short", "ID": MOUNT_ID})["Mountpoint"]
+    first = read(view, "username")
+    [lease] = bao.root.list("sys/leases/lookup/dbshort/creds/app")["data"]["keys"]
+    wait_for(lambda: bao.root.sys.read_lease(f"dbshort/creds/app/{lease}")["data"]["last_renewal"], 6, "a lease renewal")
+    second = wait_for(lambda: read(view, "username") != first and read(view, "username"), 15, "a re-issued credential")
+    assert read(view, "dsn") == f"postgresql://{second}@127.0.0.1/postgres"
+    assert databases.pg.can_login(second, read(view, "password"))
+    wait_for(lambda: not databases.pg.role_exists(first), 8, "the old credential to be revoked after the grace")
+    assert "secret.rotate" in plugin.log()
+    plugin.client.ok("VolumeDriver.Unmount", {"Name": "short", "ID": MOUNT_ID})
+    assert not databases.pg.role_exists(second)
+
+
+def test_refresh_picks_up_a_new_kv_version(start_plugin, bao):
+    bao.root.secrets.kv.v2.create_or_update_secret(path="web/rotating", secret={"password": "one"})
+    plugin = start_plugin()
+    plugin.client.ok("VolumeDriver.Create", {"Name": "kv", "Opts": {
+        "role": "web", "secret.pw": "secret/data/web/rotating#password", "refresh": "1s"}})
+    view = plugin.client.ok("VolumeDriver.Mount", {"Name": "kv", "ID": MOUNT_ID})["Mountpoint"]
+    assert read(view, "pw") == "one"
+    bao.root.secrets.kv.v2.create_or_update_secret(path="web/rotating", secret={"password": "two"})
+    wait_for(lambda: read(view, "pw") == "two", 5, "the new version")
+    assert not any(p.name.startswith(".") for p in Path(view).iterdir()), "no temp file left behind"
+    plugin.client.ok("VolumeDriver.Unmount", {"Name": "kv", "ID": MOUNT_ID})
+
+
+def test_volume_removed_while_unmounted_leaves_no_lease(start_plugin, bao, databases):
+    plugin = start_plugin()
+    plugin.client.ok("VolumeDriver.Create", {"Name": "gone", "Opts": db_options()})
+    plugin.client.ok("VolumeDriver.Mount", {"Name": "gone", "ID": MOUNT_ID})
+    plugin.client.ok("VolumeDriver.Unmount", {"Name": "gone", "ID": MOUNT_ID})
+    plugin.client.ok("VolumeDriver.Remove", {"Name": "gone"})
+    keys = bao.root.list("sys/leases/lookup/db/creds/app")
+    assert keys is None or keys["data"]["keys"] == []
