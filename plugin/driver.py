@@ -16,20 +16,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Protocol
 
 from plugin.credentials import unwrap_volume_credential
 from plugin.errors import (
     InvalidOptionError,
-    PluginError,
     VaultError,
-    VaultUnavailableError,
     VolumeInUseError,
     VolumeNotFoundError,
 )
 from plugin.leases import Scheduler, renewal_delay, token_renewal
 from plugin.mounts import TmpfsMounter
 from plugin.render import render_files
+from plugin.revocation import Revoker, TokenSource
 from plugin.spec import TOKEN_FILE_WRAP_TTL, parse_spec
 from plugin.store import MountRecord, Store, VolumeRecord
 from plugin.upkeep import MountUpkeep, Notify, fetch_all
@@ -44,10 +42,6 @@ _VOLUME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _MOUNT_ID = re.compile(r"[A-Za-z0-9]{1,128}")
 
 
-class TokenSource(Protocol):
-    def token(self) -> str: ...
-
-
 class Driver:
     """Implements the volume verbs over the store, Vault, the plugin identity and the tmpfs mounter."""
 
@@ -57,6 +51,7 @@ class Driver:
         self._scheduler = scheduler
         self._notify = notify
         self._upkeeps: dict[tuple[str, str], MountUpkeep] = {}
+        self._revoker = Revoker(vault, store, identity)
         self._wrap_allowed_paths = tuple(wrap_allowed_paths)
         self._hostname = hostname
         self._locks: dict[object, list] = {}
@@ -89,7 +84,7 @@ class Driver:
                 self._store.add_volume(name, stored, credential)
             except BaseException:
                 if credential is not None:
-                    self._revoke(credential.accessor, credential.token, volume=name)
+                    self._revoker.revoke(credential.accessor, credential.token, volume=name)
                 raise
             if credential is not None:
                 self._scheduler.schedule(("volume", name), token_renewal(self._vault, credential.token), renewal_delay(ttl), ttl)
@@ -107,7 +102,7 @@ class Driver:
             self._store.remove_volume(name)
             if credential is not None:
                 self._scheduler.cancel(("volume", name))
-                self._revoke(credential.accessor, credential.token, volume=name)
+                self._revoker.revoke(credential.accessor, credential.token, volume=name)
         audit.info("volume.remove %s", name, extra={"event": "volume.remove", "volume": name})
 
     def get(self, name: str) -> dict:
@@ -227,56 +222,13 @@ class Driver:
         if upkeep is not None:
             upkeep.stop()
         where = {"volume": record.volume, "mount_id": record.mount_id}
-        parent = self._parent_token(record.volume)
+        parent = self._revoker.parent_token(record.volume)
         if record.container_token_accessor is not None:
-            self._revoke_by_accessor(record.container_token_accessor, parent, **where)
-        if record.owns_token and self._revoke(record.accessor, record.token, **where):
-            self._confirm_leases_gone(record, parent)
+            self._revoker.revoke_by_accessor(record.container_token_accessor, parent, **where)
+        if record.owns_token and self._revoker.revoke(record.accessor, record.token, **where):
+            self._revoker.confirm_leases_gone(self._store.leases(record.volume, record.mount_id).values(), parent, **where)
         self._mounter.unmount(record.volume, record.mount_id)
         self._store.remove_mount(record.volume, record.mount_id)
-
-    def _parent_token(self, volume: str) -> str:
-        """The token a volume's mount tokens descend from ("" if the plugin has no identity right now)."""
-        credential = self._store.volume_credential(volume)
-        if credential is not None:
-            return credential.token
-        try:
-            return self._identity.token()
-        except PluginError:
-            return ""
-
-    def _revoke(self, accessor: str, token: str, **where: str) -> bool:
-        """Revoke `token`; True if done now, False if owed (kept and retried)."""
-        try:
-            self._vault.revoke_self(token)
-        except PluginError as e:
-            self._store.add_pending_revocation(accessor, token)
-            log.warning("could not revoke token %s now, will retry: %s", accessor, e)
-            return False
-        audit.info("token.revoke %s", accessor, extra={"event": "token.revoke", "accessor": accessor, **where})
-        return True
-
-    def _confirm_leases_gone(self, record: MountRecord, parent: str) -> None:
-        """Revoking a token revokes its leases: check with Vault rather than assume."""
-        for lease_id in self._store.leases(record.volume, record.mount_id).values():
-            try:
-                if self._vault.lease_exists(parent, lease_id):
-                    log.error("lease %s outlived the revocation of its token %s", lease_id, record.accessor)
-                    continue
-            except PluginError as e:
-                log.info("could not confirm the revocation of lease %s: %s", lease_id, e)
-                continue
-            audit.info("lease.revoke %s", lease_id, extra={"event": "lease.revoke", "lease_id": lease_id,
-                                                            "volume": record.volume, "mount_id": record.mount_id})
-
-    def _revoke_by_accessor(self, accessor: str, parent: str, **where: str) -> None:
-        try:
-            self._vault.revoke_accessor(parent or self._identity.token(), accessor)
-        except PluginError as e:
-            self._store.add_pending_revocation(accessor, parent, by_accessor=True)
-            log.warning("could not revoke token %s now, will retry: %s", accessor, e)
-            return
-        audit.info("token.revoke %s", accessor, extra={"event": "token.revoke", "accessor": accessor, **where})
 
     # -- recovery -------------------------------------------------------------------------------
 
@@ -318,22 +270,8 @@ class Driver:
         return released
 
     def retry_pending_revocations(self) -> int:
-        """Revoke tokens whose revocation failed earlier. Returns how many are still pending."""
-        pending = self._store.pending_revocations()
-        for accessor, token, by_accessor in pending:
-            try:
-                if by_accessor:
-                    self._vault.revoke_accessor(token or self._identity.token(), accessor)
-                else:
-                    self._vault.revoke_self(token)
-            except VaultUnavailableError:
-                return len(pending)
-            except PluginError as e:
-                log.warning("revocation of token %s still failing: %s", accessor, e)
-                continue
-            self._store.remove_pending_revocation(accessor)
-            audit.info("token.revoke %s (retried)", accessor, extra={"event": "token.revoke", "accessor": accessor})
-        return len(self._store.pending_revocations())
+        """Revoke what could not be revoked earlier. Returns how many revocations are still owed."""
+        return self._revoker.retry_pending()
 
     # -- helpers --------------------------------------------------------------------------------
 
