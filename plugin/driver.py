@@ -51,7 +51,7 @@ class Driver:
         self._scheduler = scheduler
         self._notify = notify
         self._upkeeps: dict[tuple[str, str], MountUpkeep] = {}
-        self._revoker = Revoker(vault, store, identity)
+        self._revoker = Revoker(vault, store, identity, scheduler)
         self._wrap_allowed_paths = tuple(wrap_allowed_paths)
         self._hostname = hostname
         self._locks: dict[object, list] = {}

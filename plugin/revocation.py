@@ -7,11 +7,15 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from plugin.errors import PluginError, VaultUnavailableError
+from plugin.leases import Again, Scheduler, Task
 from plugin.store import Store
 from plugin.vault import Vault
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("plugin.audit")
+
+CONFIRM_EVERY = 1.0
+CONFIRM_CHECKS = 30
 
 
 class TokenSource(Protocol):
@@ -19,8 +23,8 @@ class TokenSource(Protocol):
 
 
 class Revoker:
-    def __init__(self, vault: Vault, store: Store, identity: TokenSource):
-        self._vault, self._store, self._identity = vault, store, identity
+    def __init__(self, vault: Vault, store: Store, identity: TokenSource, scheduler: Scheduler):
+        self._vault, self._store, self._identity, self._scheduler = vault, store, identity, scheduler
 
     def parent_token(self, volume: str) -> str:
         """The token a volume's mount tokens descend from ("" if the plugin has no identity right now)."""
@@ -54,16 +58,24 @@ class Revoker:
         audit.info("token.revoke %s", accessor, extra={"event": "token.revoke", "accessor": accessor, **where})
 
     def confirm_leases_gone(self, lease_ids: Iterable[str], parent: str, **where: str) -> None:
-        """Revoking a token revokes its leases: check with Vault rather than assume."""
+        """Revoking a token revokes its leases, but Vault may finish that a moment later: check each lease
+        in the background (off the Unmount path) and report one that outlives its token."""
         for lease_id in lease_ids:
-            try:
-                if self._vault.lease_exists(parent, lease_id):
-                    log.error("lease %s outlived the revocation of its token", lease_id)
-                    continue
-            except PluginError as e:
-                log.info("could not confirm the revocation of lease %s: %s", lease_id, e)
-                continue
-            audit.info("lease.revoke %s", lease_id, extra={"event": "lease.revoke", "lease_id": lease_id, **where})
+            self._scheduler.schedule(("confirm-lease", lease_id), self._confirm(lease_id, parent, where), CONFIRM_EVERY)
+
+    def _confirm(self, lease_id: str, parent: str, where: dict[str, str]) -> Task:
+        checks = iter(range(CONFIRM_CHECKS))
+
+        def check() -> Again | None:
+            if not self._vault.lease_exists(parent, lease_id):
+                audit.info("lease.revoke %s", lease_id, extra={"event": "lease.revoke", "lease_id": lease_id, **where})
+                return None
+            if next(checks, None) is None:
+                log.error("lease %s outlived the revocation of its token: revoke it by hand (sys/leases/revoke)", lease_id)
+                return None
+            return Again(CONFIRM_EVERY)
+
+        return check
 
     def retry_pending(self) -> int:
         """Try the owed revocations again. Returns how many are still owed."""

@@ -206,7 +206,7 @@ DB = {"role": "web", "secret.user": "database/creds/app#username", "secret.pass"
       "template.dsn": 'postgresql://{{ secret("database/creds/app").username }}@db', "refresh": "0", "rotate-grace": "30s"}
 
 
-def test_files_from_one_dynamic_source_share_one_lease_which_dies_with_the_mount(driver, vault, mounter, store):
+def test_files_from_one_dynamic_source_share_one_lease_which_dies_with_the_mount(driver, vault, mounter, store, scheduler, clock):
     vault.dynamic["database/creds/app"] = 600
     driver.create("db", DB)
     driver.mount("db", "a1")
@@ -216,6 +216,10 @@ def test_files_from_one_dynamic_source_share_one_lease_which_dies_with_the_mount
     assert list(store.leases("db", "a1").values()) == ["database/creds/app/lease-2"]
     driver.unmount("db", "a1")
     assert vault.leases == {} and store.leases("db", "a1") == {}
+    assert ("confirm-lease", "database/creds/app/lease-2") in scheduler, "confirmed off the Unmount path"
+    clock.advance(1)
+    scheduler.run_due()
+    assert len(scheduler) == 0
 
 
 def test_lease_is_renewed_then_reissued_at_max_ttl_and_old_lease_revoked_after_grace(driver, vault, mounter, scheduler, clock, notified):

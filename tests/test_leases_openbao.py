@@ -52,7 +52,7 @@ def test_database_credential_lives_exactly_as_long_as_the_mount(start_plugin, ba
     assert not databases.pg.role_exists(username)
     with pytest.raises(Exception):
         bao.root.sys.read_lease(f"db/creds/app/{lease}")
-    assert "lease.revoke" in plugin.log()
+    wait_for(lambda: "lease.revoke" in plugin.log(), 5, "the plugin to confirm the lease is gone")
 
 
 def test_pki_certificate_and_key_from_one_issue_request(start_plugin, bao):
