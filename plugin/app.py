@@ -7,6 +7,7 @@ appear only here. Every failure becomes `{"Err": "..."}`; a traceback never leav
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from werkzeug.exceptions import HTTPException
 from plugin.driver import Driver
 from plugin.errors import InvalidOptionError, PluginError
 from plugin.identity import Identity
+from plugin.operations import Operations
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +52,29 @@ def create_app(driver: Driver) -> Flask:
     return app
 
 
-def create_control_app(identity: Identity) -> Flask:
+def create_control_app(identity: Identity, driver: Driver, operations: Operations) -> Flask:
     """Operator calls on the root-only control socket (never on dockerd's socket)."""
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+
+    @app.post("/Control.Status")
+    def status() -> Response:
+        return _reply({**operations.status(), "Err": ""})
+
+    @app.post("/Control.Doctor")
+    def doctor() -> Response:
+        names = _body().get("Volumes") or []
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise InvalidOptionError("Volumes must be a list of volume names")
+        return _reply({"Checks": [dataclasses.asdict(c) for c in operations.doctor(names)], "Err": ""})
+
+    @app.post("/Control.Revoke")
+    def revoke() -> Response:
+        body = _body()
+        volume, everything = body.get("Volume"), body.get("All") is True
+        if everything == (volume is not None) or (volume is not None and not isinstance(volume, str)):
+            raise InvalidOptionError("give a Volume name or All: true, not both")
+        return _reply({**driver.break_glass(None if everything else volume), "Err": ""})
 
     @app.post("/Control.Bootstrap")
     def bootstrap() -> Response:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import sys
 from pathlib import Path
 
 import click
@@ -43,11 +45,15 @@ def main() -> None:
 @click.option("--docker-socket", type=click.Path(path_type=Path), envvar="VAULT_SECRETS_DOCKER_SOCKET",
               help="dockerd's API socket (e.g. /run/docker.sock): enables notify= and releasing mounts of containers "
                    "that stopped without an Unmount (dockerd restart).")
+@click.option("--metrics-addr", envvar="VAULT_SECRETS_METRICS_ADDR",
+              help="Serve Prometheus metrics on [host]:port (a bare port binds 127.0.0.1). Off by default.")
 @click.option("--log-level", envvar="VAULT_SECRETS_LOG_LEVEL", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-format", envvar="VAULT_SECRETS_LOG_FORMAT", default="json", show_default=True,
+              type=click.Choice(["json", "text"]), help="One JSON object a line, or text for humans.")
 def serve(socket_path, state_dir, mount_root, vault_addr, vault_cacert, vault_namespace, vault_timeout,
           approle_mount, role_id, role_id_file, wrapped_secret_id_file, wrap_allowed_paths, control_socket,
-          docker_socket, log_level) -> None:
+          docker_socket, metrics_addr, log_level, log_format) -> None:
     """Serve the volume plugin protocol on a Unix socket."""
     if role_id_file is not None:
         if role_id:
@@ -56,6 +62,13 @@ def serve(socket_path, state_dir, mount_root, vault_addr, vault_cacert, vault_na
             role_id = role_id_file.read_text().strip()
         except OSError as e:
             raise click.UsageError(f"cannot read --role-id-file {role_id_file}: {e.strerror}") from e
+    if metrics_addr:
+        from plugin.metrics import parse_address
+
+        try:
+            parse_address(metrics_addr)
+        except PluginError as e:
+            raise click.BadParameter(str(e), param_hint="--metrics-addr") from e
     settings = Settings(
         socket=socket_path,
         state_dir=state_dir,
@@ -70,12 +83,31 @@ def serve(socket_path, state_dir, mount_root, vault_addr, vault_cacert, vault_na
         wrap_allowed_paths=_allowed_paths(wrap_allowed_paths),
         control_socket=control_socket,
         docker_socket=docker_socket,
+        metrics_addr=metrics_addr,
         hostname=socket.gethostname(),
     )
     from plugin.server import serve as run  # gunicorn is imported only by the command that needs it
 
     try:
-        run(settings, log_level=log_level)
+        run(settings, log_level=log_level, log_format=log_format)
+    except PluginError as e:
+        raise click.ClickException(str(e)) from e
+
+
+def _control_options(command):
+    """--state-dir / --control-socket: how operator commands find the running plugin."""
+    command = click.option("--control-socket", type=click.Path(path_type=Path), envvar="VAULT_SECRETS_CONTROL_SOCKET",
+                           help="The running plugin's control socket.  [default: <state-dir>/control.sock]")(command)
+    return click.option("--state-dir", type=click.Path(path_type=Path), envvar="VAULT_SECRETS_STATE_DIR",
+                        default="/var/lib/vault-secrets", show_default=True,
+                        help="The running plugin's state directory.")(command)
+
+
+def _control(state_dir: Path, control_socket: Path | None, verb: str, body: dict, timeout: float = 120) -> dict:
+    from plugin.control import call
+
+    try:
+        return call(control_socket or state_dir / "control.sock", verb, body, timeout)
     except PluginError as e:
         raise click.ClickException(str(e)) from e
 
@@ -83,24 +115,91 @@ def serve(socket_path, state_dir, mount_root, vault_addr, vault_cacert, vault_na
 @main.command()
 @click.option("--wrapped-secret-id-file", type=click.File("r"), required=True,
               help="File holding a single-use wrapping token of a new AppRole SecretID ('-' for standard input).")
-@click.option("--state-dir", type=click.Path(path_type=Path), envvar="VAULT_SECRETS_STATE_DIR",
-              default="/var/lib/vault-secrets", show_default=True, help="The running plugin's state directory.")
-@click.option("--control-socket", type=click.Path(path_type=Path), envvar="VAULT_SECRETS_CONTROL_SOCKET",
-              help="The running plugin's control socket.  [default: <state-dir>/control.sock]")
+@_control_options
 def bootstrap(wrapped_secret_id_file, state_dir, control_socket) -> None:
     """Give a running plugin a new identity from a wrapped SecretID, without a restart."""
-    path = control_socket or state_dir / "control.sock"
     token = wrapped_secret_id_file.read().strip()
     if not token:
         raise click.UsageError("the wrapped SecretID file is empty")
-    click.echo(f"handing the wrapped SecretID to the plugin on {path} ...", err=True)
-    from plugin.control import call
-
-    try:
-        reply = call(path, "Bootstrap", {"WrappingToken": token})
-    except PluginError as e:
-        raise click.ClickException(str(e)) from e
+    click.echo("handing the wrapped SecretID to the running plugin ...", err=True)
+    reply = _control(state_dir, control_socket, "Bootstrap", {"WrappingToken": token})
     click.echo(f"plugin identity established (accessor {reply['Accessor']}, ttl {reply['TTL']}s)")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@_control_options
+def status(as_json, state_dir, control_socket) -> None:
+    """Volumes, mounts with their ages and TTLs, the plugin identity and Vault's health."""
+    reply = _control(state_dir, control_socket, "Status", {})
+    reply.pop("Err", None)
+    if as_json:
+        click.echo(json.dumps(reply, indent=2))
+        return
+    click.echo(render_status(reply))
+
+
+@main.command()
+@click.argument("volumes", nargs=-1)
+@_control_options
+def doctor(volumes, state_dir, control_socket) -> None:
+    """Check Vault, the plugin identity and each volume (or the named ones); non-zero exit on any failure."""
+    click.echo(f"checking Vault, the plugin identity and {', '.join(volumes) or 'every volume'} ...", err=True)
+    checks = _control(state_dir, control_socket, "Doctor", {"Volumes": list(volumes)})["Checks"]
+    for check in checks:
+        click.echo(f"{'PASS' if check['ok'] else 'FAIL'}  {check['name']}: {check['detail']}")
+        if not check["ok"] and check["fix"]:
+            click.echo(f"      fix: {check['fix']}")
+    failed = sum(not c["ok"] for c in checks)
+    click.echo(f"{len(checks) - failed} passed, {failed} failed")
+    if failed:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--volume", help="Revoke what was issued for this volume.")
+@click.option("--all", "everything", is_flag=True, help="Revoke what was issued for every volume.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@_control_options
+def revoke(volume, everything, yes, state_dir, control_socket) -> None:
+    """Break glass: revoke every token and lease issued for a volume (or all) and wipe their files."""
+    if bool(volume) == everything:
+        raise click.UsageError("give --volume NAME or --all")
+    target = "every volume" if everything else f"volume {volume}"
+    if not yes:
+        click.confirm(f"Revoke every token and lease issued for {target} and wipe its files in running containers?",
+                      abort=True)
+    click.echo(f"revoking what was issued for {target} ...", err=True)
+    reply = _control(state_dir, control_socket, "Revoke", {"All": True} if everything else {"Volume": volume})
+    click.echo(f"revoked the tokens of {reply['mounts']} mount(s) and {reply['credentials']} volume credential(s); "
+               "their files are wiped. Containers keep running with empty volumes: restart them to mount afresh.")
+
+
+def render_status(status: dict) -> str:
+    """The human form of `status`: a few aligned lines per volume."""
+    vault, identity = status["vault"], status["identity"]
+    lines = [
+        f"vault     {vault['address']}  " + (f"reachable, {'sealed' if vault['sealed'] else 'unsealed'}, {vault['version']}"
+                                             if vault["reachable"] else f"UNREACHABLE: {vault['error']}"),
+        "identity  " + (f"{identity['accessor']}  ttl {identity['ttl']}s" if "accessor" in identity else f"NONE: {identity['error']}"),
+        "",
+        f"{'VOLUME':24} {'MOUNT':14} {'AGE':>8} {'REFS':>4} {'TOKEN TTL':>10}  LEASES",
+    ]
+    for volume in status["volumes"]:
+        if not volume["mounts"]:
+            lines.append(f"{volume['name']:24} {'-':14}")
+        for mount in volume["mounts"]:
+            leases = ", ".join(f"{lease['source']} (ttl {lease['ttl']})" for lease in mount["leases"]) or "-"
+            lines.append(f"{volume['name']:24} {mount['mount_id'][:12]:14} {_age(mount['age']):>8} {mount['refcount']:>4} "
+                         f"{str(mount['token_ttl']):>10}  {leases}")
+    return "\n".join(lines)
+
+
+def _age(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def _allowed_paths(raw: str) -> tuple[str, ...]:

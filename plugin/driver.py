@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 from plugin.credentials import unwrap_volume_credential
 from plugin.errors import (
@@ -25,6 +26,7 @@ from plugin.errors import (
     VolumeNotFoundError,
 )
 from plugin.leases import Scheduler, renewal_delay, token_renewal
+from plugin.metrics import MOUNT_FAILURES, MOUNT_SECONDS
 from plugin.mounts import TmpfsMounter
 from plugin.render import render_files
 from plugin.revocation import Revoker, TokenSource
@@ -146,35 +148,50 @@ class Driver:
                 return record.mountpoint
             if record is not None:  # left half-made by a crash: finish undoing it first
                 self._teardown(record)
-            spec = parse_spec(self._require_volume(name).options)
-            credential = self._store.volume_credential(name)
-            parent = credential.token if credential else self._identity.token()
-            meta = {"volume": name, "mount_id": mount_id, "host": self._hostname}
-            view = self._mounter.view_path(name, mount_id)
-            if credential is not None and not credential.can_mint:
-                record = MountRecord(name, mount_id, 0, str(view), credential.token, credential.accessor, time.time(), owns_token=False)
-            else:
-                child = self._vault.mint_child(parent, spec.role, spec.ttl, meta, display_name=f"vault-secrets-{name}"[:100])
-                audit.info("token.mint %s %s", name, mount_id, extra={"event": "token.mint", "volume": name, "mount_id": mount_id, "accessor": child.accessor})
-                record = MountRecord(name, mount_id, 0, str(view), child.token, child.accessor, time.time())
-            # Recorded (refcount 0) before anything else can fail, so a crash leaves a trace to undo.
-            self._store.add_mount(record)
+            started = time.monotonic()
             try:
-                fetched = fetch_all(self._vault, record.token, spec.sources)
-                for source, secret in fetched.items():
-                    if secret.lease_id:
-                        self._store.set_lease(name, mount_id, str(source), secret.lease_id)
-                files = render_files(spec, {source: secret.data for source, secret in fetched.items()})
-                if spec.token_file is not None:
-                    record, files[spec.token_file] = self._container_token(record, parent, spec, meta)
-                self._mounter.mount(name, mount_id, files, uid=spec.uid, gid=spec.gid, mode=spec.mode, size=spec.size)
-                self._store.set_refcount(name, mount_id, 1)
+                view = self._mount_new(name, mount_id)
             except BaseException:
-                self._teardown(record)
+                MOUNT_FAILURES.inc()
                 raise
-            self._start_upkeep(record, spec, fetched)
-        audit.info("mount %s %s", name, mount_id, extra={"event": "mount", "volume": name, "mount_id": mount_id, "accessor": record.accessor})
+            finally:
+                MOUNT_SECONDS.observe(time.monotonic() - started)
         return str(view)
+
+    def _mount_new(self, name: str, mount_id: str) -> Path:
+        """Mint, fetch, render, mount: the work of a first Mount of an ID (under its lock)."""
+        spec = parse_spec(self._require_volume(name).options)
+        credential = self._store.volume_credential(name)
+        if credential is not None and credential.revoked:
+            raise VaultError(f"the credential of volume {name} was revoked by break-glass: remove the volume and "
+                             "create it again with a new wrapped token")
+        parent = credential.token if credential else self._identity.token()
+        meta = {"volume": name, "mount_id": mount_id, "host": self._hostname}
+        view = self._mounter.view_path(name, mount_id)
+        if credential is not None and not credential.can_mint:
+            record = MountRecord(name, mount_id, 0, str(view), credential.token, credential.accessor, time.time(), owns_token=False)
+        else:
+            child = self._vault.mint_child(parent, spec.role, spec.ttl, meta, display_name=f"vault-secrets-{name}"[:100])
+            audit.info("token.mint %s %s", name, mount_id, extra={"event": "token.mint", "volume": name, "mount_id": mount_id, "accessor": child.accessor})
+            record = MountRecord(name, mount_id, 0, str(view), child.token, child.accessor, time.time())
+        # Recorded (refcount 0) before anything else can fail, so a crash leaves a trace to undo.
+        self._store.add_mount(record)
+        try:
+            fetched = fetch_all(self._vault, record.token, spec.sources)
+            for source, secret in fetched.items():
+                if secret.lease_id:
+                    self._store.set_lease(name, mount_id, str(source), secret.lease_id)
+            files = render_files(spec, {source: secret.data for source, secret in fetched.items()})
+            if spec.token_file is not None:
+                record, files[spec.token_file] = self._container_token(record, parent, spec, meta)
+            self._mounter.mount(name, mount_id, files, uid=spec.uid, gid=spec.gid, mode=spec.mode, size=spec.size)
+            self._store.set_refcount(name, mount_id, 1)
+        except BaseException:
+            self._teardown(record)
+            raise
+        self._start_upkeep(record, spec, fetched)
+        audit.info("mount %s %s", name, mount_id, extra={"event": "mount", "volume": name, "mount_id": mount_id, "accessor": record.accessor})
+        return view
 
     def _container_token(self, record: MountRecord, parent: str, spec, meta: dict[str, str]) -> tuple[MountRecord, bytes]:
         """Mint a token for the container itself, wrapped: the plugin only ever holds the wrapping token.
@@ -236,14 +253,15 @@ class Driver:
         """At start: undo mounts a crash left half-made and mounts whose tmpfs is gone (host reboot);
         resume renewing the tokens of the others (at once: how long they have left is not recorded)."""
         for name, credential in self._store.volume_credentials().items():
-            self._scheduler.schedule(("volume", name), token_renewal(self._vault, credential.token), 0)
+            if not credential.revoked:
+                self._scheduler.schedule(("volume", name), token_renewal(self._vault, credential.token), 0)
         for record in self._store.mounts():
             with self._hold((record.volume, record.mount_id)):
                 volume = self._store.volume(record.volume)
                 if record.refcount == 0 or volume is None or not self._mounter.is_mounted(record.volume, record.mount_id):
                     log.info("cleaning up stale mount %s of volume %s", record.mount_id, record.volume)
                     self._teardown(record)
-                else:
+                elif not record.revoked:
                     self._start_upkeep(record, parse_spec(volume.options))
 
     def release_unused(self, running_containers_using: Callable[[str], list[str]], min_age: float = 60.0) -> int:
@@ -268,6 +286,38 @@ class Driver:
                     self._teardown(record)
                     released += 1
         return released
+
+    def break_glass(self, volume: str | None = None) -> dict[str, int]:
+        """Revoke every token (and so lease) issued for `volume`, or for all volumes, and wipe their files.
+
+        Running containers keep an empty volume; their Unmounts clean up later. Mounts of a volume whose
+        wrapped credential was revoked are refused from then on. Returns counts of what was revoked.
+        """
+        mounts = credentials = 0
+        for record in self._store.mounts(volume):
+            with self._hold((record.volume, record.mount_id)):
+                upkeep = self._upkeeps.pop((record.volume, record.mount_id), None)
+                if upkeep is not None:
+                    upkeep.stop()
+                where = {"volume": record.volume, "mount_id": record.mount_id}
+                if record.container_token_accessor is not None:
+                    self._revoker.revoke_by_accessor(record.container_token_accessor,
+                                                     self._revoker.parent_token(record.volume), **where)
+                if record.owns_token:
+                    self._revoker.revoke(record.accessor, record.token, **where)
+                self._mounter.wipe(record.volume, record.mount_id)
+                self._store.mark_mount_revoked(record.volume, record.mount_id)
+                mounts += 1
+        for name, credential in self._store.volume_credentials().items():
+            if volume in (None, name) and not credential.revoked:
+                with self._hold(name):
+                    self._scheduler.cancel(("volume", name))
+                    self._revoker.revoke(credential.accessor, credential.token, volume=name)
+                    self._store.mark_credential_revoked(name)
+                    credentials += 1
+        audit.warning("breakglass.revoke %s", volume or "all volumes", extra={
+            "event": "breakglass.revoke", "volume": volume or "*", "mounts": mounts, "credentials": credentials})
+        return {"mounts": mounts, "credentials": credentials}
 
     def retry_pending_revocations(self) -> int:
         """Revoke what could not be revoked earlier. Returns how many revocations are still owed."""

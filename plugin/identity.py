@@ -50,6 +50,7 @@ class Identity:
         self._role_id = role_id
         self._wrapped_file = wrapped_secret_id_file
         self._current: IssuedToken | None = None
+        self._expires_at = 0.0  # monotonic; when the current token's TTL runs out
         self._problem = "the plugin is still authenticating to Vault; retry in a few seconds"
         self._lock = threading.Lock()
 
@@ -67,8 +68,7 @@ class Identity:
         `IdentityUnavailableError` (an operator must deliver a new wrapped SecretID).
         """
         issued = self._resume_sealed() or self._bootstrap_from_wrapped_secret_id()
-        with self._lock:
-            self._current = issued
+        self._set_current(issued)
         return issued
 
     def _resume_sealed(self) -> IssuedToken | None:
@@ -95,8 +95,7 @@ class Identity:
         Raises like `establish`; a refused token leaves the current identity, if any, in place.
         """
         issued = self._login_with(wrapping_token, source="the wrapped SecretID given to bootstrap")
-        with self._lock:
-            previous, self._current = self._current, issued
+        previous = self._set_current(issued)
         if previous is not None and previous.accessor != issued.accessor:
             log.info("replaced the plugin identity (accessor %s) by bootstrap", previous.accessor)
         return issued
@@ -182,13 +181,23 @@ class Identity:
             raise
         except VaultError:
             log.warning("the plugin identity (accessor %s) could not be renewed; authenticating again", current.accessor)
-            with self._lock:
-                self._current = None
+            self._set_current(None)
             self._store.forget_identity()
             return self.establish()
-        with self._lock:
-            self._current = renewed
+        self._set_current(renewed)
         return renewed
+
+    def _set_current(self, issued: IssuedToken | None) -> IssuedToken | None:
+        """Make `issued` the identity; returns the one it replaces."""
+        with self._lock:
+            previous, self._current = self._current, issued
+            self._expires_at = time.monotonic() + issued.ttl if issued else 0.0
+        return previous
+
+    def seconds_left(self) -> float:
+        """Until the identity's token expires (0 with none; a periodic token is renewed long before)."""
+        with self._lock:
+            return max(self._expires_at - time.monotonic(), 0.0) if self._current else 0.0
 
 
 def _renewal_delay(ttl: int) -> float:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Hashable
 
 from plugin.errors import PluginError, VaultUnavailableError
+from plugin.metrics import RENEWAL_FAILURES, RENEWALS
 from plugin.vault import Vault
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,8 @@ class Scheduler:
             self._retry(key, entry, e)
             return
         except PluginError as e:
+            if _renewal_kind(key):
+                RENEWAL_FAILURES.labels(_renewal_kind(key)).inc()
             log.warning("dropping %s: %s", _describe(key), e)
             self._forget(key, entry)
             return
@@ -130,6 +133,8 @@ class Scheduler:
             self._forget(key, entry)
             return
         now = self._clock()
+        if _renewal_kind(key):
+            RENEWALS.labels(_renewal_kind(key)).inc()
         with self._changed:
             if self._entries.get(key) is not entry:
                 return
@@ -142,6 +147,8 @@ class Scheduler:
             self._push(key, entry, now + again.delay)
 
     def _retry(self, key: Hashable, entry: _Entry, error: PluginError) -> None:
+        if _renewal_kind(key):
+            RENEWAL_FAILURES.labels(_renewal_kind(key)).inc()
         now = self._clock()
         remaining = float("inf") if entry.expires_at is None else entry.expires_at - now
         if remaining <= 0:
@@ -171,6 +178,15 @@ class _Entry:
 
     def __init__(self, task: Task, expires_at: float | None):
         self.task, self.expires_at, self.failures, self.seq = task, expires_at, 0, -1
+
+
+def _renewal_kind(key: Hashable) -> str | None:
+    """"token" or "lease" for the tasks that renew one; None for the others (refresh, confirmations)."""
+    if isinstance(key, tuple) and key[:1] == ("volume",):
+        return "token"
+    if isinstance(key, tuple) and key[:1] == ("mount",) and len(key) > 3 and key[3] in ("token", "lease"):
+        return key[3]
+    return None
 
 
 def _describe(key: Hashable) -> str:

@@ -105,6 +105,17 @@ class TmpfsMounter:
             raise MountError(f"could not update the files of volume {volume}: {e.strerror} ({e.filename})") from e
         return written
 
+    def wipe(self, volume: str, mount_id: str) -> None:
+        """Delete every file of a mount, leaving its (now empty) tmpfs mounted for the running container."""
+        data = self._root / volume / mount_id / "data"
+        try:
+            for path in data.iterdir():
+                path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise MountError(f"could not wipe the files of volume {volume}: {e.strerror} ({e.filename})") from e
+
     def unmount(self, volume: str, mount_id: str) -> None:
         """Unmount the view and the tmpfs and remove their directories. Unknown mounts are a no-op."""
         try:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import logging.config
 import os
 import stat
-import sys
 import threading
 from collections.abc import Callable
 
@@ -23,7 +23,10 @@ from plugin.driver import Driver
 from plugin.errors import PluginError, StateError
 from plugin.identity import Identity
 from plugin.leases import Scheduler
+from plugin.logs import logging_config
+from plugin.metrics import IDENTITY_SECONDS_LEFT, MOUNTS_ACTIVE, serve_metrics
 from plugin.mounts import TmpfsMounter
+from plugin.operations import Operations
 from plugin.seal import Sealer
 from plugin.settings import Settings
 from plugin.store import Store
@@ -42,6 +45,7 @@ class Service:
     identity: Identity
     scheduler: Scheduler
     store: Store
+    vault: Vault
     stop: threading.Event
     docker: DockerAPI | None = None
 
@@ -80,7 +84,9 @@ def build_service(settings: Settings) -> Service:
     docker = DockerAPI(settings.docker_socket) if settings.docker_socket else None
     driver = Driver(store, vault, identity, TmpfsMounter(settings.mount_root), scheduler, hostname=settings.hostname,
                     wrap_allowed_paths=settings.wrap_allowed_paths, notify=docker.signal if docker else None)
-    return Service(driver, identity, scheduler, store, threading.Event(), docker)
+    MOUNTS_ACTIVE.set_function(store.count_active_mounts)
+    IDENTITY_SECONDS_LEFT.set_function(identity.seconds_left)
+    return Service(driver, identity, scheduler, store, vault, threading.Event(), docker)
 
 
 def start_background(service: Service) -> None:
@@ -134,10 +140,10 @@ class SocketDispatcher:
 class PluginServer(BaseApplication):
     """gunicorn running the plugin on a Unix socket with one threaded worker."""
 
-    def __init__(self, settings: Settings, *, threads: int = 16, log_level: str = "info"):
+    def __init__(self, settings: Settings, *, threads: int = 16, log_level: str = "info", log_format: str = "json"):
         self._settings = settings
         self._threads = threads
-        self._log_level = log_level
+        self._logging = logging_config(log_level, log_format)
         super().__init__()
 
     def load_config(self) -> None:
@@ -150,7 +156,7 @@ class PluginServer(BaseApplication):
             "umask": 0o177,  # socket mode 0600: root (dockerd) only
             "timeout": 150,  # above dockerd's 2 min Mount deadline: never kill a worker mid-Mount
             "graceful_timeout": 10,
-            "loglevel": self._log_level,
+            "logconfig_dict": self._logging,
             "proc_name": "vault-secrets-plugin",
             # gunicorn >= 25 opens a root control socket in $HOME by default; the plugin needs none.
             "control_socket_disable": True,
@@ -161,17 +167,18 @@ class PluginServer(BaseApplication):
     def load(self) -> SocketDispatcher:
         # Runs in the worker, after the fork.
         service = build_service(self._settings)
+        if self._settings.metrics_addr:
+            host, port = serve_metrics(self._settings.metrics_addr)
+            log.info("serving metrics on http://%s:%s/metrics", host, port)
         start_background(service)
-        return SocketDispatcher(
-            create_app(service.driver), {str(self._settings.control_socket_path): create_control_app(service.identity)}
-        )
+        operations = Operations(service.vault, service.store, service.identity, vault_addr=self._settings.vault_addr)
+        control = create_control_app(service.identity, service.driver, operations)
+        return SocketDispatcher(create_app(service.driver), {str(self._settings.control_socket_path): control})
 
 
-def serve(settings: Settings, *, log_level: str = "info") -> None:
-    logging.basicConfig(
-        level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def serve(settings: Settings, *, log_level: str = "info", log_format: str = "json") -> None:
+    logging.config.dictConfig(logging_config(log_level, log_format))
     os.umask(0o077)  # the database, its journal and anything else the plugin creates: root only
     prepare_state_dir(settings)
     check_seal_key(settings)
-    PluginServer(settings, log_level=log_level).run()
+    PluginServer(settings, log_level=log_level, log_format=log_format).run()

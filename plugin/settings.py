@@ -29,6 +29,7 @@ class Settings:
     wrap_allowed_paths: tuple[str, ...] = DEFAULT_ALLOWED_PATHS
     control_socket: Path | None = None
     docker_socket: Path | None = None
+    metrics_addr: str | None = None
     hostname: str = ""
 
     @property

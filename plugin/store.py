@@ -30,7 +30,8 @@ CREATE TABLE volume_credentials (
     volume TEXT PRIMARY KEY REFERENCES volumes (name) ON DELETE CASCADE,
     token BLOB NOT NULL,
     accessor TEXT NOT NULL,
-    can_mint INTEGER NOT NULL
+    can_mint INTEGER NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE mounts (
     volume TEXT NOT NULL,
@@ -41,6 +42,7 @@ CREATE TABLE mounts (
     accessor TEXT NOT NULL,
     owns_token INTEGER NOT NULL,
     container_token_accessor TEXT,
+    revoked INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
     PRIMARY KEY (volume, mount_id)
 );
@@ -85,6 +87,7 @@ class VolumeCredential:
     token: str = dataclasses.field(repr=False)
     accessor: str
     can_mint: bool
+    revoked: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +107,7 @@ class MountRecord:
     created_at: float
     owns_token: bool = True
     container_token_accessor: str | None = None
+    revoked: bool = False  # by break-glass: tokens revoked and files wiped while the container runs on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,14 +173,18 @@ class Store:
     def volume_credential(self, name: str) -> VolumeCredential | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT token, accessor, can_mint FROM volume_credentials WHERE volume = ?", (name,)
+                "SELECT token, accessor, can_mint, revoked FROM volume_credentials WHERE volume = ?", (name,)
             ).fetchone()
-        return VolumeCredential(self._sealer.unseal(row[0], f"volume:{name}"), row[1], bool(row[2])) if row else None
+        return VolumeCredential(self._sealer.unseal(row[0], f"volume:{name}"), row[1], bool(row[2]), bool(row[3])) if row else None
 
     def volume_credentials(self) -> dict[str, VolumeCredential]:
         with self._lock:
-            rows = self._db.execute("SELECT volume, token, accessor, can_mint FROM volume_credentials").fetchall()
-        return {v: VolumeCredential(self._sealer.unseal(t, f"volume:{v}"), a, bool(c)) for v, t, a, c in rows}
+            rows = self._db.execute("SELECT volume, token, accessor, can_mint, revoked FROM volume_credentials").fetchall()
+        return {v: VolumeCredential(self._sealer.unseal(t, f"volume:{v}"), a, bool(c), bool(r)) for v, t, a, c, r in rows}
+
+    def mark_credential_revoked(self, name: str) -> None:
+        with self._transaction():
+            self._db.execute("UPDATE volume_credentials SET revoked = 1 WHERE volume = ?", (name,))
 
     def volume(self, name: str) -> VolumeRecord | None:
         with self._lock:
@@ -217,6 +225,10 @@ class Store:
                 "UPDATE mounts SET container_token_accessor = ? WHERE volume = ? AND mount_id = ?", (accessor, volume, mount_id)
             )
 
+    def count_active_mounts(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM mounts WHERE refcount > 0").fetchone()[0]
+
     def mount(self, volume: str, mount_id: str) -> MountRecord | None:
         rows = self._mount_rows("WHERE volume = ? AND mount_id = ?", (volume, mount_id))
         return rows[0] if rows else None
@@ -251,13 +263,17 @@ class Store:
         with self._lock:
             rows = self._db.execute(
                 "SELECT volume, mount_id, refcount, mountpoint, token, accessor, created_at, owns_token,"
-                " container_token_accessor FROM mounts " + where + " ORDER BY created_at",
+                " container_token_accessor, revoked FROM mounts " + where + " ORDER BY created_at",
                 args,
             ).fetchall()
         return [
-            MountRecord(v, m, rc, mp, self._sealer.unseal(tok, _mount_context(v, m)), acc, ts, bool(own), cta)
-            for v, m, rc, mp, tok, acc, ts, own, cta in rows
+            MountRecord(v, m, rc, mp, self._sealer.unseal(tok, _mount_context(v, m)), acc, ts, bool(own), cta, bool(rev))
+            for v, m, rc, mp, tok, acc, ts, own, cta, rev in rows
         ]
+
+    def mark_mount_revoked(self, volume: str, mount_id: str) -> None:
+        with self._transaction():
+            self._db.execute("UPDATE mounts SET revoked = 1 WHERE volume = ? AND mount_id = ?", (volume, mount_id))
 
     # -- plugin identity ------------------------------------------------------------------------
 

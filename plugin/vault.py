@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -19,6 +20,7 @@ import requests
 import requests.adapters
 
 from plugin.errors import VaultError, VaultUnavailableError, WrappingTokenError
+from plugin.metrics import VAULT_ERRORS, VAULT_SECONDS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -92,7 +94,7 @@ class Vault:
         """Inspect a wrapping token without consuming it. Raises `WrappingTokenError` if it is not valid."""
         try:
             response = self._call(
-                "look up the wrapping token",
+                "lookup_wrapping", "look up the wrapping token",
                 lambda: self._client("").adapter.post("/v1/sys/wrapping/lookup", json={"token": wrapping_token}),
             )
         except VaultUnavailableError:
@@ -106,7 +108,7 @@ class Vault:
         """Consume a wrapping token and return the wrapped response. Raises `WrappingTokenError` if refused."""
         try:
             # hvac sends the wrapping token as X-Vault-Token and nothing in the body.
-            return self._call("unwrap the wrapping token", lambda: self._client(wrapping_token).sys.unwrap())
+            return self._call("unwrap", "unwrap the wrapping token", lambda: self._client(wrapping_token).sys.unwrap())
         except VaultUnavailableError:
             raise
         except VaultError as e:
@@ -116,7 +118,7 @@ class Vault:
 
     def approle_login(self, mount: str, role_id: str, secret_id: str) -> IssuedToken:
         response = self._call(
-            f"log in with AppRole at auth/{mount}",
+            "login", f"log in with AppRole at auth/{mount}",
             lambda: self._client("").auth.approle.login(role_id=role_id, secret_id=secret_id, mount_point=mount),
         )
         return IssuedToken.from_auth(response["auth"])
@@ -124,7 +126,7 @@ class Vault:
     def mint_child(self, parent: str, role: str | None, ttl: int, meta: Mapping[str, str], display_name: str) -> IssuedToken:
         """Create a child token of `parent`: from token role `role`, or with the parent's policies if None."""
         response = self._call(
-            _minting(role),
+            "mint", _minting(role),
             lambda: self._client(parent).auth.token.create(
                 role_name=role, ttl=f"{ttl}s", meta=dict(meta), renewable=True, display_name=display_name
             ),
@@ -138,7 +140,7 @@ class Vault:
         Returns (wrapping token, accessor of the wrapped token); the plugin never sees the inner token.
         """
         response = self._call(
-            _minting(role),
+            "mint", _minting(role),
             lambda: self._client(parent).auth.token.create(
                 role_name=role, ttl=f"{ttl}s", meta=dict(meta), renewable=True, display_name=display_name,
                 wrap_ttl=f"{wrap_ttl}s",
@@ -149,7 +151,7 @@ class Vault:
     def revoke_accessor(self, token: str, accessor: str) -> None:
         """Revoke the token behind `accessor` (and its children) using `token`'s rights on auth/token/revoke-accessor."""
         try:
-            self._call("revoke a token by accessor",
+            self._call("revoke_accessor", "revoke a token by accessor",
                        lambda: self._client(token).adapter.post("/v1/auth/token/revoke-accessor", json={"accessor": accessor}))
         except VaultUnavailableError:
             raise
@@ -161,24 +163,24 @@ class Vault:
     def capabilities(self, token: str, path: str) -> set[str]:
         """What `token` may do on `path` (sys/capabilities-self)."""
         response = self._call(
-            f"check capabilities on {path}",
+            "capabilities", f"check capabilities on {path}",
             lambda: self._client(token).adapter.post("/v1/sys/capabilities-self", json={"paths": [path]}),
         )
         return set(response["data"].get(path) or response["data"].get("capabilities") or [])
 
     def lookup_self(self, token: str) -> IssuedToken:
-        response = self._call("look up the plugin token", lambda: self._client(token).auth.token.lookup_self())
+        response = self._call("lookup_self", "look up the plugin token", lambda: self._client(token).auth.token.lookup_self())
         data = response["data"]
         return IssuedToken(token, data["accessor"], int(data["ttl"]), bool(data.get("renewable")))
 
     def renew_self(self, token: str) -> IssuedToken:
-        response = self._call("renew a token", lambda: self._client(token).auth.token.renew_self())
+        response = self._call("renew_token", "renew a token", lambda: self._client(token).auth.token.renew_self())
         return IssuedToken.from_auth(response["auth"])
 
     def revoke_self(self, token: str) -> None:
         """Revoke `token` and with it its children and leases. A token Vault no longer knows counts as revoked."""
         try:
-            self._call("revoke a token", lambda: self._client(token).auth.token.revoke_self())
+            self._call("revoke_token", "revoke a token", lambda: self._client(token).auth.token.revoke_self())
         except VaultUnavailableError:
             raise
         except VaultError as e:
@@ -196,9 +198,9 @@ class Vault:
         """Read `path`, or write `params` to it (dynamic secrets such as pki/issue/...), with what Vault
         said of the answer: its lease, or for KV v2 its version."""
         if params:
-            response = self._call(f"write to {path}", lambda: self._client(token).write_data(path, data=dict(params)))
+            response = self._call("write", f"write to {path}", lambda: self._client(token).write_data(path, data=dict(params)))
         else:
-            response = self._call(f"read {path}", lambda: self._client(token).read(path))
+            response = self._call("read", f"read {path}", lambda: self._client(token).read(path))
         if not response or response.get("data") is None:
             raise VaultError(f"Vault has no secret at {path}: check the path (KV v2 paths contain /data/)")
         data, version = response["data"], None
@@ -212,41 +214,72 @@ class Vault:
     def kv2_current_version(self, token: str, path: str) -> int:
         """The newest version of the KV v2 secret at data path `path`, from its metadata (no secret sent)."""
         mount, _, rest = path.partition("/data/")
-        response = self._call(f"read the metadata of {path}", lambda: self._client(token).read(f"{mount}/metadata/{rest}"))
+        response = self._call("kv_metadata", f"read the metadata of {path}", lambda: self._client(token).read(f"{mount}/metadata/{rest}"))
         return int(response["data"]["current_version"])
 
     # -- leases ---------------------------------------------------------------------------------
 
     def renew_lease(self, token: str, lease_id: str, increment: int | None = None) -> int:
         """Renew a lease; returns its new duration in seconds (shorter than asked near its max TTL)."""
-        response = self._call("renew a lease", lambda: self._client(token).sys.renew_lease(lease_id, increment=increment))
+        response = self._call("renew_lease", "renew a lease", lambda: self._client(token).sys.renew_lease(lease_id, increment=increment))
         return int(response["lease_duration"])
 
     def revoke_lease(self, token: str, lease_id: str) -> None:
         """Revoke a lease. A lease Vault no longer knows counts as revoked."""
         try:
-            self._call("revoke a lease", lambda: self._client(token).sys.revoke_lease(lease_id))
+            self._call("revoke_lease", "revoke a lease", lambda: self._client(token).sys.revoke_lease(lease_id))
         except VaultUnavailableError:
             raise
         except VaultError as e:
             if not isinstance(e.__cause__, (hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden)):
                 raise
 
-    def lease_exists(self, token: str, lease_id: str) -> bool:
-        """Whether Vault still knows `lease_id` (sys/leases/lookup, which the default policy allows)."""
+    def lease_ttl(self, token: str, lease_id: str) -> int | None:
+        """Seconds left on `lease_id`, or None if Vault no longer knows it (sys/leases/lookup, which the
+        default policy allows)."""
         try:
-            self._call("look up a lease", lambda: self._client(token).sys.read_lease(lease_id))
+            response = self._call("lookup_lease", "look up a lease", lambda: self._client(token).sys.read_lease(lease_id))
         except VaultUnavailableError:
             raise
         except VaultError as e:
             if isinstance(e.__cause__, hvac.exceptions.InvalidRequest):
-                return False
+                return None
             raise
-        return True
+        return int(response["data"].get("ttl") or 0)
+
+    def lease_exists(self, token: str, lease_id: str) -> bool:
+        return self.lease_ttl(token, lease_id) is not None
+
+    # -- server ---------------------------------------------------------------------------------
+
+    def health(self) -> Mapping[str, Any]:
+        """sys/health (no token): `initialized`, `sealed`, `version`... Raises `VaultUnavailableError`."""
+        def read() -> Mapping[str, Any]:
+            # Standby, sealed and uninitialised servers answer with other codes: ask for 200 regardless.
+            response = self._session.get(f"{self._addr}/v1/sys/health", verify=self._verify, timeout=self._timeout,
+                                         params={"standbyok": "true", "sealedcode": "200", "uninitcode": "200"})
+            response.raise_for_status()
+            return response.json()
+
+        return self._call("health", "check Vault's health", read)
 
     # -- error translation ----------------------------------------------------------------------
 
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
+    def _call(self, operation: str, what: str, fn: Callable[[], T]) -> T:
+        """Run one Vault request, timing it under `operation` and translating its errors (`what` words them)."""
+        started = time.monotonic()
+        try:
+            return self._translate(what, fn)
+        except VaultUnavailableError:
+            VAULT_ERRORS.labels(operation, "unavailable").inc()
+            raise
+        except VaultError:
+            VAULT_ERRORS.labels(operation, "refused").inc()
+            raise
+        finally:
+            VAULT_SECONDS.labels(operation).observe(time.monotonic() - started)
+
+    def _translate(self, what: str, fn: Callable[[], T]) -> T:
         try:
             return fn()
         # SSLError is a ConnectionError: catch it first for the more useful message.
@@ -257,6 +290,8 @@ class Vault:
                 f"Vault at {self._addr} is unreachable (could not {what} within {self._timeout:g}s): "
                 "check that it is running and that VAULT_ADDR is right"
             ) from e
+        except requests.HTTPError as e:
+            raise VaultError(f"Vault refused to {what}: HTTP {e.response.status_code}") from e
         except (hvac.exceptions.VaultDown, hvac.exceptions.BadGateway) as e:
             raise VaultUnavailableError(f"Vault at {self._addr} is sealed or down (could not {what})") from e
         except hvac.exceptions.Forbidden as e:

@@ -178,12 +178,13 @@ def start_plugin(bao, short_tmp):
     require_root()
     started: list[PluginProcess] = []
 
-    def start(wrapped: Path | None = None, *, vault_addr: str | None = None, wait_for: str | None = "auth") -> PluginProcess:
+    def start(wrapped: Path | None = None, *, vault_addr: str | None = None, wait_for: str | None = "auth",
+              extra: list[str] | None = None) -> PluginProcess:
         if wrapped is None and not (short_tmp / "wrapped").exists():
             wrapped = bao.write_wrapped_secret_id(short_tmp / "wrapped")
         process = PluginProcess(short_tmp / "p.sock", short_tmp / "state", vault_addr or bao.addr,
                                 role_id=bao.seed.role_id, wrapped_secret_id_file=wrapped or short_tmp / "wrapped",
-                                log_path=short_tmp / f"plugin{len(started)}.log")
+                                log_path=short_tmp / f"plugin{len(started)}.log", extra=extra)
         started.append(process)
         if wait_for:
             process.wait_until_serving()

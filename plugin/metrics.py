@@ -1,0 +1,40 @@
+"""Prometheus metrics, served on an opt-in listener (`--metrics-addr`, loopback unless told otherwise).
+
+Labels are fixed, small sets (operation names, task kinds): never a path, a volume option or a token.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from plugin.errors import InvalidOptionError
+
+MOUNTS_ACTIVE = Gauge("vault_secrets_mounts_active", "Container mounts currently served.")
+MOUNT_SECONDS = Histogram(
+    "vault_secrets_mount_duration_seconds", "Time to answer a Mount that made a new tmpfs (successful or not).",
+    buckets=(0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+MOUNT_FAILURES = Counter("vault_secrets_mount_failures_total", "Mounts refused (every one leaves nothing behind).")
+VAULT_SECONDS = Histogram("vault_secrets_vault_request_duration_seconds", "Vault request latency.", ["operation"],
+                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+VAULT_ERRORS = Counter("vault_secrets_vault_request_errors_total", "Vault requests that failed.", ["operation", "kind"])
+RENEWALS = Counter("vault_secrets_renewals_total", "Successful renewals.", ["kind"])
+RENEWAL_FAILURES = Counter("vault_secrets_renewal_failures_total", "Failed renewal attempts (retried while alive).", ["kind"])
+IDENTITY_SECONDS_LEFT = Gauge("vault_secrets_identity_expiry_seconds",
+                              "Seconds until the plugin's own Vault token expires (0: no identity).")
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """`[host]:port` or a bare port (which binds 127.0.0.1). Raises `InvalidOptionError`."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidOptionError(f"--metrics-addr {address!r}: expected [host]:port, e.g. 127.0.0.1:9464")
+    return host, int(port)
+
+
+def serve_metrics(address: str) -> tuple[str, int]:
+    """Start the metrics listener; returns where it listens."""
+    host, port = parse_address(address)
+    start_http_server(port, addr=host)
+    return host, port

@@ -1,0 +1,311 @@
+"""`vault-secrets-plugin migrate`: move secrets out of a compose file's `environment:` into Vault / OpenBao
+KV v2 and a vault-secrets volume per service.
+
+A dry run by default: prints the rewritten compose file and the Vault commands, with every value
+redacted unless --show-values. `--write` stores the values with the operator's own token (VAULT_TOKEN
+or ~/.vault-token), never the plugin's. Each generated volume's driver_opts go through
+`plugin.spec.parse_spec`, so the output is always options the plugin accepts. Notices go to stderr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import click
+import yaml
+
+from plugin.errors import InvalidOptionError
+from plugin.secret_detect import classify, interpolations
+from plugin.spec import parse_spec
+
+REDACTED = "<redacted: from compose file>"
+
+
+class MigrationError(click.ClickException):
+    """The compose file cannot be migrated, or Vault refused; the message says why and never holds a value."""
+
+
+@dataclasses.dataclass
+class Service:
+    """One migrated service: the values to store at `<mount>/data/<kv_path>` and the volume that reads them."""
+
+    name: str
+    kv_path: str
+    policy: str
+    secrets: dict[str, str]
+    volume: str
+    options: dict[str, str]
+
+
+def plan(compose: object, source: str, *, project: str, mount: str, prefix: str, consume: str = "file",
+         target: str = "/run/secrets", only: tuple[str, ...] = (), exclude: tuple[str, ...] = ()
+         ) -> tuple[dict, list[Service], list[str]]:
+    """Rewrite the parsed `compose` in place -> (compose, migrated services, notices for the operator).
+
+    Raises MigrationError for a file that is not a compose file or whose services cannot take the volume."""
+    if not isinstance(compose, dict) or not isinstance(compose.get("services"), dict):
+        raise MigrationError(f"{source} is not a compose file: it has no 'services:' mapping")
+    if not compose["services"]:
+        raise MigrationError(f"{source} has no services")
+    volumes, migrated, notices, seen = compose.get("volumes") or {}, [], [], set()
+    for name, svc in compose["services"].items():
+        for env_file in _as_list((svc or {}).get("env_file")):
+            notices.append(f"{name}: env_file {env_file.get('path') if isinstance(env_file, dict) else env_file} is not "
+                           "migrated automatically: move its secrets into environment: and run migrate again")
+        if isinstance(svc, dict) and svc.get("environment") is not None:
+            service = _service(source, name, svc, f"{prefix}/{name}" if prefix else name, notices, seen, volumes,
+                               project=project, mount=mount, consume=consume, target=target, only=only, exclude=exclude)
+            migrated += [service] if service else []
+    for key in [*only, *exclude]:
+        if key not in seen:
+            raise MigrationError(f"--only/--exclude {key}: no service in {source} has an environment entry {key}")
+    if migrated:
+        compose["volumes"] = volumes
+    return compose, migrated, notices
+
+
+def _service(source, name, svc, kv_path, notices, seen, volumes, *, project, mount, consume, target, only, exclude):
+    env = svc["environment"]
+    if not isinstance(env, (dict, list)):
+        raise MigrationError(f"{source}: service {name}: environment must be a mapping or a list of KEY=value")
+    # (key, value as compose passes it, or None when it comes from the shell; the entry as written)
+    items = [(str(k), _text(v), v) for k, v in env.items()] if isinstance(env, dict) else [
+        (k, v if sep else None, entry) for entry in env for k, sep, v in [str(entry).partition("=")]]
+    seen.update(key for key, _, _ in items)
+    secrets, env_out = {}, []
+    for key, value, original in items:
+        from_shell = value is None or bool(interpolations(value))
+        reason = classify(key, value) or (classify(key, None) if from_shell else None)
+        if (key in only if only else reason is not None) and key not in exclude:
+            if from_shell:
+                notices.append(f"{name}: {key} is left as is: its value comes from your shell when compose runs, so "
+                               f"migrate cannot move it; store it yourself (bao kv patch -mount={mount} {kv_path} "
+                               f"{key}=-) and add it to the volume")
+            else:
+                secrets[key] = value.replace("$$", "$")  # `$$` is compose's escape of a literal `$`
+                notices.append(f"{name}: {key} moves to {mount}/data/{kv_path} ({reason or 'chosen with --only'})")
+                if consume == "file":
+                    path = f"{target}/{key.lower()}"
+                    env_out.append((f"{key}_FILE", path if isinstance(env, dict) else f"{key}_FILE={path}"))
+                continue
+        env_out.append((key, original))
+    if not secrets:
+        return None
+    volume, options = f"{project}-{name}-secrets", {"role": name, **_owner(name, svc.get("user"), notices)}
+    if consume == "env":
+        options.update({f"secret.{name}.env": f"{mount}/data/{kv_path}", f"format.{name}.env": "env"})
+        notices.append(f"{name}: the app must load {target}/{name}.env itself: start it with "
+                       f"sh -c 'set -a; . {target}/{name}.env; set +a; exec <command>'")
+    else:
+        options.update({f"secret.{key.lower()}": f"{mount}/data/{kv_path}#{key}" for key in secrets})
+        notices.append(f"{name}: the app now reads {', '.join(k + '_FILE' for k in secrets)}; if it cannot read "
+                       "*_FILE variables, run migrate with --consume env")
+    _check(source, name, svc, secrets, options, [k for k, _ in env_out], target, volume, volumes)
+    if env_out:
+        svc["environment"] = dict(env_out) if isinstance(env, dict) else [entry for _, entry in env_out]
+    else:
+        del svc["environment"]
+    svc["volumes"] = [*_as_list(svc.get("volumes")),
+                      {"type": "volume", "source": volume, "target": target, "read_only": True, "volume": {"nocopy": True}}]
+    volumes[volume] = {"driver": "vault-secrets", "driver_opts": options}
+    return Service(name, kv_path, kv_path.replace("/", "-"), secrets, volume, options)
+
+
+def _check(source, name, svc, secrets, options, env_keys, target, volume, volumes) -> None:
+    where = f"{source}: service {name}"
+    try:
+        parse_spec(options)
+    except InvalidOptionError as e:
+        raise MigrationError(f"{where}: the volume options would be refused ({e}); leave that entry out with --exclude") from e
+    if volume in volumes:
+        raise MigrationError(f"{where}: a volume {volume} is already declared; give another --project-name")
+    clashes = {k for k in env_keys if env_keys.count(k) > 1} | {k for k in secrets if list(map(str.lower, secrets)).count(k.lower()) > 1}
+    if clashes:
+        raise MigrationError(f"{where}: {', '.join(sorted(clashes))} would be defined twice (or as the same file); "
+                             "leave one out with --exclude")
+    mounted = [v.get("target") if isinstance(v, dict) else (str(v).split(":") * 2)[1] for v in _as_list(svc.get("volumes"))]
+    if target in mounted or (svc.get("secrets") and target == "/run/secrets"):
+        raise MigrationError(f"{where} already uses {target} (a volume, or compose secrets:); give another --target")
+
+
+def _owner(name: str, user: object, notices: list[str]) -> dict[str, str]:
+    """uid/gid options from the service's `user:` when numeric: the files are then readable by the app."""
+    uid, _, gid = str(user).partition(":") if user is not None else ("", "", "")
+    if uid and not uid.isdigit():
+        notices.append(f"{name}: user {uid!r} is not numeric: set uid= (and gid=) on the volume to its numeric id, "
+                       "or the files stay owned by root with mode 0400")
+    return {k: v for k, v in (("uid", uid), ("gid", gid)) if v.isdigit()}
+
+
+def script(services: list[Service], mount: str, *, show_values: bool, stored: bool, set_up: bool) -> str:
+    """The Vault / OpenBao commands that create what the volumes read: a `sh` script for the operator."""
+    lines = ["#!/bin/sh", "# Vault / OpenBao setup for the migrated services: run it with your own token (bao login).",
+             "set -eu"]
+    if not (show_values or stored):
+        lines += [f"# The values are redacted: replace each {REDACTED} below and delete the next two lines,",
+                  "# or let migrate store them (--write), or print them (--show-values).",
+                  "echo 'edit this script first: its secret values are redacted' >&2", "exit 1"]
+    for s in services:
+        lines.append(f"\n# {s.name}: {len(s.secrets)} secret(s) at {mount}/data/{s.kv_path}, read with token role {s.name}")
+        if stored:
+            lines.append("# (stored by migrate --write)")
+        else:
+            data = {k: (v if show_values else REDACTED) for k, v in s.secrets.items()}
+            lines += [f"bao kv put -mount={mount} -cas=0 {s.kv_path} - <<'JSON'", json.dumps(data, indent=2), "JSON"]
+        if not set_up:
+            lines += [f"bao policy write {s.policy} - <<'HCL'", f'path "{mount}/data/{s.kv_path}" {{ capabilities = ["read"] }}',
+                      "HCL", f"bao write auth/token/roles/{s.name} allowed_policies={s.policy} renewable=true"]
+    lines += ["\n# Add to the plugin's own policy (vault-secrets-plugin), so it may mint tokens from these roles:"]
+    lines += [f'#   path "auth/token/create/{s.name}" {{ capabilities = ["update"] }}' for s in services]
+    return "\n".join(lines) + "\n"
+
+
+def store(services: list[Service], mount: str, addr: str | None, *, overwrite: bool, set_up: bool) -> None:
+    """Write each service's secrets to KV v2 (check-and-set 0 unless `overwrite`) and, with `set_up`, its
+    policy and token role, with the operator's token. Nothing is written if any target exists."""
+    import hvac  # only --write talks to Vault
+    import requests
+
+    client = hvac.Client(url=addr, token=os.environ.get("VAULT_TOKEN") or os.environ.get("BAO_TOKEN"), timeout=15)
+    if not client.token:
+        raise MigrationError("no Vault token: set VAULT_TOKEN or log in (bao login); use your own token, never the plugin's")
+    path = f"sys/internal/ui/mounts/{mount}"
+    try:
+        try:  # how the bao CLI tells KV versions apart; any token may ask about mounts it can use
+            version = (client.read(path) or {}).get("data", {}).get("options", {}).get("version")
+        except hvac.exceptions.Forbidden as e:
+            raise MigrationError(f"no secrets engine at {mount}/ on {client.url} that your token may use") from e
+        if version != "2":
+            raise MigrationError(f"{mount}/ at {client.url} is not a KV version 2 mount (version {version or 'unknown'})")
+        exists = []
+        for s in services:
+            path = f"{mount}/metadata/{s.kv_path}"
+            try:
+                if not overwrite and client.read(path) is not None:
+                    exists.append(f"{mount}/data/{s.kv_path}")
+            except hvac.exceptions.Forbidden:
+                pass  # a token may write data without reading metadata: check-and-set still refuses
+            path = f"sys/policies/acl/{s.policy}"
+            if set_up and not overwrite and (client.read(path) or client.read(f"auth/token/roles/{s.name}")):
+                exists.append(f"policy {s.policy} or token role {s.name}")
+        if exists:
+            raise MigrationError(f"already exists, nothing written: {', '.join(exists)}; rerun with --overwrite to replace")
+        for s in services:
+            path = f"{mount}/data/{s.kv_path}"
+            client.secrets.kv.v2.create_or_update_secret(s.kv_path, s.secrets, cas=None if overwrite else 0, mount_point=mount)
+            click.echo(f"wrote {len(s.secrets)} keys to {path}", err=True)
+            if set_up:
+                path = f"sys/policies/acl/{s.policy}"
+                client.sys.create_or_update_policy(s.policy, f'path "{mount}/data/{s.kv_path}" {{ capabilities = ["read"] }}\n')
+                path = f"auth/token/roles/{s.name}"
+                client.write_data(path, data={"allowed_policies": s.policy, "renewable": True})
+                click.echo(f"wrote policy {s.policy} and token role {s.name}", err=True)
+    except requests.exceptions.RequestException as e:
+        raise MigrationError(f"cannot reach Vault at {client.url}: {type(e).__name__}") from e
+    except hvac.exceptions.Forbidden as e:
+        raise MigrationError(f"permission denied by Vault on {path}: your token needs access to it") from e
+    except hvac.exceptions.InvalidRequest as e:
+        if "check-and-set" in str(e):
+            raise MigrationError(f"{path} already exists (written meanwhile?); rerun with --overwrite to replace it") from e
+        raise MigrationError(f"Vault refused {path}: {e}") from e
+    except hvac.exceptions.VaultError as e:
+        raise MigrationError(f"Vault error on {path}: {e}") from e
+
+
+@click.command()
+@click.argument("compose_file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--kv-mount", default="secret", show_default=True, help="Mount path of the KV version 2 engine.")
+@click.option("--path-prefix", help="KV path under which each service gets <prefix>/<service>.  [default: the project name]")
+@click.option("-p", "--project-name", help="Compose project name, for volume names.  [default: name: in the file, else its directory]")
+@click.option("--only", multiple=True, metavar="NAME", help="Migrate exactly these entries, instead of the detected ones (repeatable).")
+@click.option("--exclude", multiple=True, metavar="NAME", help="Never migrate this entry (repeatable).")
+@click.option("--consume", type=click.Choice(["file", "env"]), default="file", show_default=True,
+              help="file: one file per secret and KEY_FILE=<path> entries; env: one <service>.env file to source.")
+@click.option("--target", default="/run/secrets", show_default=True, help="Where the volume is mounted in the containers.")
+@click.option("--show-values", is_flag=True, help="Put the secret values in the printed commands (they are redacted otherwise).")
+@click.option("--write", is_flag=True, help="Store the values in KV v2 with your own token (VAULT_ADDR, VAULT_TOKEN or ~/.vault-token).")
+@click.option("--overwrite", is_flag=True, help="With --write: replace secrets (and with --setup-vault, policies and roles) that exist.")
+@click.option("--setup-vault", is_flag=True, help="With --write: also write each service's policy and token role.")
+@click.option("--vault-addr", envvar=["VAULT_ADDR", "BAO_ADDR"], help="Vault or OpenBao address, for --write.")
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), help="Write the rewritten compose file here.")
+@click.option("--in-place", is_flag=True, help="Rewrite COMPOSE_FILE itself, keeping the original as COMPOSE_FILE.bak.")
+def migrate(compose_file, kv_mount, path_prefix, project_name, only, exclude, consume, target, show_values, write,
+            overwrite, setup_vault, vault_addr, output, in_place) -> None:
+    """Move secrets from COMPOSE_FILE's environment entries into Vault / OpenBao and vault-secrets volumes.
+
+    Prints the rewritten compose file and the Vault commands to create the secrets, policies and token
+    roles; secret values are never printed unless --show-values."""
+    if (setup_vault or overwrite) and not write:
+        raise click.UsageError("--setup-vault and --overwrite only apply with --write")
+    if output and in_place or output and output.resolve() == compose_file.resolve():
+        raise click.UsageError("to rewrite the compose file itself, give --in-place (it keeps a .bak), not --output")
+    try:
+        text = compose_file.read_text()
+    except OSError as e:
+        raise MigrationError(f"cannot read {compose_file}: {e.strerror}") from e
+    try:
+        compose = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise MigrationError(f"{compose_file} is not valid YAML: {e}") from e
+    raw = project_name or (compose.get("name") if isinstance(compose, dict) else None) or compose_file.resolve().parent.name
+    project = re.sub(r"[^a-z0-9_-]", "", str(raw).lower()).lstrip("_-")
+    if not project:
+        raise MigrationError(f"cannot make a project name of {raw!r}: give --project-name")
+    compose, services, notices = plan(compose, str(compose_file), project=project, mount=kv_mount.strip("/"),
+                                      prefix=(path_prefix if path_prefix is not None else project).strip("/"),
+                                      consume=consume, target=target.rstrip("/"), only=only, exclude=exclude)
+    for notice in notices:
+        click.echo(notice, err=True)
+    if not services:
+        raise MigrationError(f"nothing to migrate in {compose_file}: no environment entry looks like a secret (see --only)")
+    click.echo(f"the values stay in {compose_file}{' and its .bak' if in_place else ''} (and any copy or git history "
+               "of it): rotate them once the services read them from Vault", err=True)
+    if write:
+        store(services, kv_mount.strip("/"), vault_addr, overwrite=overwrite, set_up=setup_vault)
+    rewritten = (f"# Rewritten by vault-secrets-plugin migrate from {compose_file.name}: secrets come from vault-secrets\n"
+                 "# volumes. Comments and YAML anchors of the original are not kept.\n" + _dump(compose))
+    commands = script(services, kv_mount.strip("/"), show_values=show_values, stored=write, set_up=setup_vault)
+    destination = compose_file if in_place else output
+    if destination is None:
+        click.echo(rewritten + "\n# ---- Vault / OpenBao commands ----\n" + commands, nl=False)
+        return
+    try:
+        tmp = destination.with_name(f".{destination.name}.tmp")
+        tmp.write_text(rewritten)
+        if in_place:  # the .bak keeps the original's mode: it still holds the values
+            shutil.copy2(compose_file, f"{compose_file}.bak")
+            shutil.copymode(compose_file, tmp)
+        tmp.replace(destination)
+    except OSError as e:
+        raise MigrationError(f"cannot write {e.filename if str(e.filename).endswith('.bak') else destination}: "
+                             f"{e.strerror}") from e
+    click.echo(f"wrote the rewritten compose file to {destination}", err=True)
+    click.echo(commands, nl=False)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style with list items indented under their key, as compose files are usually written."""
+
+    def increase_indent(self, flow=False, indentless=False):
+        return super().increase_indent(flow, False)
+
+    def ignore_aliases(self, data):
+        return True
+
+
+def _dump(data: object) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True, width=1 << 16)
+
+
+def _text(value: object) -> str | None:
+    """An environment mapping value as compose passes it: booleans lower-case, null means 'from the shell'."""
+    return None if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _as_list(value: object) -> list:
+    return [] if value is None else value if isinstance(value, list) else [value]
