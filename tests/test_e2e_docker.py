@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -200,3 +201,29 @@ def test_reissued_credential_swaps_under_a_reading_container_and_it_is_signalled
         assert databases.pg.role_exists(users[-1])
     finally:
         docker.docker("rm", "-f", container)
+
+
+def test_status_and_break_glass_on_a_running_container(docker, plugin, bao, unique_name):
+    from tests.support.plugin import plugin_command
+
+    create_volume(docker, plugin, unique_name)
+    container = docker.docker("run", "-d", "--network", "none", "--user", "1000", "-v", f"{unique_name}:/run/secrets:ro",
+                              docker.image, "sleep", "60").stdout.strip()
+    try:
+        def cli(*args):
+            return subprocess.run([plugin_command(), *args, "--state-dir", str(plugin.state_dir)],
+                                  capture_output=True, text=True, timeout=60)
+
+        status = json.loads(cli("status", "--json").stdout)
+        [volume] = [v for v in status["volumes"] if v["name"] == unique_name]
+        [mount] = volume["mounts"]
+        assert mount["refcount"] == 1 and mount["token_ttl"] > 0
+        assert cli("doctor", unique_name).returncode == 0
+        [accessor] = bao.accessors_with_meta(volume=unique_name)
+        assert cli("revoke", "--volume", unique_name, "--yes").returncode == 0
+        gone = docker.docker("exec", container, "cat", "/run/secrets/db_password", check=False)
+        assert gone.returncode != 0 and "No such file" in gone.stderr
+        assert not bao.token_valid(accessor)
+    finally:
+        docker.docker("rm", "-f", container)
+    assert live_tmpfs_below(plugin.mount_root) == []
