@@ -30,10 +30,10 @@ from plugin.metrics import MOUNT_FAILURES, MOUNT_SECONDS
 from plugin.mounts import TmpfsMounter
 from plugin.render import render_files
 from plugin.revocation import Revoker, TokenSource
-from plugin.spec import TOKEN_FILE_WRAP_TTL, parse_spec
+from plugin.spec import TOKEN_FILE_WRAP_TTL, Source, Spec, parse_spec
 from plugin.store import MountRecord, Store, VolumeRecord
 from plugin.upkeep import MountUpkeep, Notify, fetch_all
-from plugin.vault import Vault
+from plugin.vault import Fetched, Vault
 from plugin.wrapping import DEFAULT_ALLOWED_PATHS
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class Driver:
     def remove(self, name: str) -> None:
         """Forget a volume (revoking its credential, if any). Refused while mounted; unknown volumes succeed."""
         with self._hold(name):
-            active = [m for m in self._store.mounts(name) if m.refcount > 0]
+            active = self._store.active_mountpoints(name)
             if active:
                 raise VolumeInUseError(
                     f"volume {name} is mounted by {len(active)} container(s): stop them before removing it"
@@ -117,16 +117,16 @@ class Driver:
     def path(self, name: str) -> str:
         """The mountpoint of one active mount of the volume, or "" when none (each mount has its own)."""
         self._require_volume(name)
-        return next((m.mountpoint for m in self._store.mounts(name) if m.refcount > 0), "")
+        return next(iter(self._store.active_mountpoints(name)), "")
 
     def capabilities(self) -> dict:
         return {"Scope": "local"}
 
     def _describe(self, volume: VolumeRecord) -> dict:
-        active = [m for m in self._store.mounts(volume.name) if m.refcount > 0]
+        active = self._store.active_mountpoints(volume.name)
         return {
             "Name": volume.name,
-            "Mountpoint": active[0].mountpoint if active else "",
+            "Mountpoint": active[0] if active else "",
             "CreatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(volume.created_at)),
             "Status": {"activeMounts": len(active)},
         }
@@ -193,7 +193,7 @@ class Driver:
         audit.info("mount %s %s", name, mount_id, extra={"event": "mount", "volume": name, "mount_id": mount_id, "accessor": record.accessor})
         return view
 
-    def _container_token(self, record: MountRecord, parent: str, spec, meta: dict[str, str]) -> tuple[MountRecord, bytes]:
+    def _container_token(self, record: MountRecord, parent: str, spec: Spec, meta: dict[str, str]) -> tuple[MountRecord, bytes]:
         """Mint a token for the container itself, wrapped: the plugin only ever holds the wrapping token.
 
         The inner token is revoked by accessor at Unmount, which needs that right on the parent.
@@ -226,7 +226,8 @@ class Driver:
             self._teardown(record)
         audit.info("unmount %s %s", name, mount_id, extra={"event": "unmount", "volume": name, "mount_id": mount_id})
 
-    def _start_upkeep(self, record: MountRecord, spec, fetched=None) -> None:
+    def _start_upkeep(self, record: MountRecord, spec: Spec, fetched: dict[Source, Fetched] | None = None) -> None:
+        """Schedule the mount's renewals and refreshes; without `fetched` (after a restart) they start at once."""
         upkeep = MountUpkeep(record, spec, vault=self._vault, store=self._store, mounter=self._mounter,
                              scheduler=self._scheduler, fetched=fetched, notify=self._notify)
         self._upkeeps[(record.volume, record.mount_id)] = upkeep

@@ -225,6 +225,14 @@ class Store:
                 "UPDATE mounts SET container_token_accessor = ? WHERE volume = ? AND mount_id = ?", (accessor, volume, mount_id)
             )
 
+    def active_mountpoints(self, volume: str) -> list[str]:
+        """Where the volume's active mounts are, oldest first (no token is unsealed for this)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT mountpoint FROM mounts WHERE volume = ? AND refcount > 0 ORDER BY created_at", (volume,)
+            ).fetchall()
+        return [row[0] for row in rows]
+
     def count_active_mounts(self) -> int:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM mounts WHERE refcount > 0").fetchone()[0]
