@@ -209,5 +209,9 @@ def _allowed_paths(raw: str) -> tuple[str, ...]:
     return paths
 
 
+from plugin.migrate import migrate  # noqa: E402  (its own module: an operator tool, not part of serving)
+
+main.add_command(migrate)
+
 if __name__ == "__main__":
     main()

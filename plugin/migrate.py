@@ -1,10 +1,8 @@
-"""`vault-secrets-plugin migrate`: move secrets out of a compose file's `environment:` into Vault / OpenBao
-KV v2 and a vault-secrets volume per service.
+"""`vault-secrets-plugin migrate`: move secrets out of a compose file's `environment:` into Vault / OpenBao KV v2,
+read by a vault-secrets volume per service.
 
-A dry run by default: prints the rewritten compose file and the Vault commands, with every value
-redacted unless --show-values. `--write` stores the values with the operator's own token (VAULT_TOKEN
-or ~/.vault-token), never the plugin's. Each generated volume's driver_opts go through
-`plugin.spec.parse_spec`, so the output is always options the plugin accepts. Notices go to stderr.
+A dry run by default, printing no secret value unless --show-values. `--write` stores the values with the
+operator's own token, never the plugin's. Every generated volume's options go through `parse_spec`.
 """
 
 from __future__ import annotations
@@ -30,22 +28,34 @@ class MigrationError(click.ClickException):
     """The compose file cannot be migrated, or Vault refused; the message says why and never holds a value."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class Choices:
+    """The operator's choices: names, where secrets go, how apps read them, which entries move."""
+
+    project: str
+    mount: str = "secret"
+    prefix: str = ""
+    consume: str = "file"  # or "env"
+    target: str = "/run/secrets"
+    only: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class Service:
-    """One migrated service: the values to store at `<mount>/data/<kv_path>` and the volume that reads them."""
+    """A migrated service: the values to store at `<mount>/data/<kv_path>`, read by token role `name`."""
 
     name: str
     kv_path: str
-    policy: str
     secrets: dict[str, str]
-    volume: str
-    options: dict[str, str]
+
+    @property
+    def policy(self) -> str:
+        return self.kv_path.replace("/", "-")
 
 
-def plan(compose: object, source: str, *, project: str, mount: str, prefix: str, consume: str = "file",
-         target: str = "/run/secrets", only: tuple[str, ...] = (), exclude: tuple[str, ...] = ()
-         ) -> tuple[dict, list[Service], list[str]]:
-    """Rewrite the parsed `compose` in place -> (compose, migrated services, notices for the operator).
+def plan(compose: object, source: str, choices: Choices) -> tuple[list[Service], list[str]]:
+    """Rewrite the parsed `compose` in place -> (migrated services, notices for the operator).
 
     Raises MigrationError for a file that is not a compose file or whose services cannot take the volume."""
     if not isinstance(compose, dict) or not isinstance(compose.get("services"), dict):
@@ -58,22 +68,24 @@ def plan(compose: object, source: str, *, project: str, mount: str, prefix: str,
             notices.append(f"{name}: env_file {env_file.get('path') if isinstance(env_file, dict) else env_file} is not "
                            "migrated automatically: move its secrets into environment: and run migrate again")
         if isinstance(svc, dict) and svc.get("environment") is not None:
-            service = _service(source, name, svc, f"{prefix}/{name}" if prefix else name, notices, seen, volumes,
-                               project=project, mount=mount, consume=consume, target=target, only=only, exclude=exclude)
-            migrated += [service] if service else []
-    for key in [*only, *exclude]:
+            migrated += _service(f"{source}: service {name}", name, svc, volumes, choices, notices, seen)
+    for key in [*choices.only, *choices.exclude]:
         if key not in seen:
             raise MigrationError(f"--only/--exclude {key}: no service in {source} has an environment entry {key}")
+    if left := _leftovers(compose, migrated):
+        raise MigrationError(f"{source}: {', '.join(left)} would still hold a value that moves to Vault (YAML anchors are "
+                             "expanded into the services, their x- definitions stay): move the entry into each service's "
+                             "environment, or --exclude it")
     if migrated:
         compose["volumes"] = volumes
-    return compose, migrated, notices
+    return migrated, notices
 
 
-def _service(source, name, svc, kv_path, notices, seen, volumes, *, project, mount, consume, target, only, exclude):
-    env = svc["environment"]
+def _service(where, name, svc, volumes, c: Choices, notices, seen) -> list[Service]:
+    env, kv_path = svc["environment"], f"{c.prefix}/{name}".lstrip("/")
     if not isinstance(env, (dict, list)):
-        raise MigrationError(f"{source}: service {name}: environment must be a mapping or a list of KEY=value")
-    # (key, value as compose passes it, or None when it comes from the shell; the entry as written)
+        raise MigrationError(f"{where}: environment must be a mapping or a list of KEY=value")
+    # (key, value as compose passes it or None when it comes from the shell, the entry as written)
     items = [(str(k), _text(v), v) for k, v in env.items()] if isinstance(env, dict) else [
         (k, v if sep else None, entry) for entry in env for k, sep, v in [str(entry).partition("=")]]
     seen.update(key for key, _, _ in items)
@@ -81,60 +93,71 @@ def _service(source, name, svc, kv_path, notices, seen, volumes, *, project, mou
     for key, value, original in items:
         from_shell = value is None or bool(interpolations(value))
         reason = classify(key, value) or (classify(key, None) if from_shell else None)
-        if (key in only if only else reason is not None) and key not in exclude:
+        if (key in c.only if c.only else reason is not None) and key not in c.exclude:
             if from_shell:
-                notices.append(f"{name}: {key} is left as is: its value comes from your shell when compose runs, so "
-                               f"migrate cannot move it; store it yourself (bao kv patch -mount={mount} {kv_path} "
-                               f"{key}=-) and add it to the volume")
+                notices.append(f"{name}: {key} is left as is: its value comes from your shell when compose runs, so migrate "
+                               f"cannot move it; store it yourself (bao kv patch -mount={c.mount} {kv_path} {key}=-) and "
+                               "add it to the volume")
             else:
                 secrets[key] = value.replace("$$", "$")  # `$$` is compose's escape of a literal `$`
-                notices.append(f"{name}: {key} moves to {mount}/data/{kv_path} ({reason or 'chosen with --only'})")
-                if consume == "file":
-                    path = f"{target}/{key.lower()}"
-                    env_out.append((f"{key}_FILE", path if isinstance(env, dict) else f"{key}_FILE={path}"))
+                notices.append(f"{name}: {key} moves to {c.mount}/data/{kv_path} ({reason or 'chosen with --only'})")
+                file = f"{c.target}/{key.lower()}"
+                env_out += [(f"{key}_FILE", file if isinstance(env, dict) else f"{key}_FILE={file}")] if c.consume == "file" else []
                 continue
         env_out.append((key, original))
     if not secrets:
-        return None
-    volume, options = f"{project}-{name}-secrets", {"role": name, **_owner(name, svc.get("user"), notices)}
-    if consume == "env":
-        options.update({f"secret.{name}.env": f"{mount}/data/{kv_path}", f"format.{name}.env": "env"})
-        notices.append(f"{name}: the app must load {target}/{name}.env itself: start it with "
-                       f"sh -c 'set -a; . {target}/{name}.env; set +a; exec <command>'")
+        return []
+    volume, options = f"{c.project}-{name}-secrets", {"role": name, **_owner(name, svc.get("user"), notices)}
+    if c.consume == "env":
+        options.update({f"secret.{name}.env": f"{c.mount}/data/{kv_path}", f"format.{name}.env": "env"})
+        notices.append(f"{name}: the app must load {c.target}/{name}.env itself: start it with "
+                       f"sh -c 'set -a; . {c.target}/{name}.env; set +a; exec <command>'")
     else:
-        options.update({f"secret.{key.lower()}": f"{mount}/data/{kv_path}#{key}" for key in secrets})
+        options.update({f"secret.{key.lower()}": f"{c.mount}/data/{kv_path}#{key}" for key in secrets})
         notices.append(f"{name}: the app now reads {', '.join(k + '_FILE' for k in secrets)}; if it cannot read "
                        "*_FILE variables, run migrate with --consume env")
-    _check(source, name, svc, secrets, options, [k for k, _ in env_out], target, volume, volumes)
+    try:
+        parse_spec(options)
+    except InvalidOptionError as e:
+        raise MigrationError(f"{where}: the volume options would be refused ({e}); leave that entry out with --exclude") from e
+    keys, files = [k for k, _ in env_out], [k.lower() for k in secrets]
+    if clashes := sorted({k for k in keys if keys.count(k) > 1} | {k for k in secrets if files.count(k.lower()) > 1}):
+        raise MigrationError(f"{where}: {', '.join(clashes)} would be defined twice (or as the same file); leave one out "
+                             "with --exclude")
+    mounted = [v.get("target") if isinstance(v, dict) else (str(v).split(":") * 2)[1] for v in _as_list(svc.get("volumes"))]
+    if c.target in mounted or (svc.get("secrets") and c.target == "/run/secrets"):
+        raise MigrationError(f"{where} already uses {c.target} (a volume, or compose secrets:); give another --target")
+    if volume in volumes:
+        raise MigrationError(f"{where}: a volume {volume} is already declared; give another --project-name")
     if env_out:
         svc["environment"] = dict(env_out) if isinstance(env, dict) else [entry for _, entry in env_out]
     else:
         del svc["environment"]
     svc["volumes"] = [*_as_list(svc.get("volumes")),
-                      {"type": "volume", "source": volume, "target": target, "read_only": True, "volume": {"nocopy": True}}]
+                      {"type": "volume", "source": volume, "target": c.target, "read_only": True, "volume": {"nocopy": True}}]
     volumes[volume] = {"driver": "vault-secrets", "driver_opts": options}
-    return Service(name, kv_path, kv_path.replace("/", "-"), secrets, volume, options)
+    return [Service(name, kv_path, secrets)]
 
 
-def _check(source, name, svc, secrets, options, env_keys, target, volume, volumes) -> None:
-    where = f"{source}: service {name}"
-    try:
-        parse_spec(options)
-    except InvalidOptionError as e:
-        raise MigrationError(f"{where}: the volume options would be refused ({e}); leave that entry out with --exclude") from e
-    if volume in volumes:
-        raise MigrationError(f"{where}: a volume {volume} is already declared; give another --project-name")
-    clashes = {k for k in env_keys if env_keys.count(k) > 1} | {k for k in secrets if list(map(str.lower, secrets)).count(k.lower()) > 1}
-    if clashes:
-        raise MigrationError(f"{where}: {', '.join(sorted(clashes))} would be defined twice (or as the same file); "
-                             "leave one out with --exclude")
-    mounted = [v.get("target") if isinstance(v, dict) else (str(v).split(":") * 2)[1] for v in _as_list(svc.get("volumes"))]
-    if target in mounted or (svc.get("secrets") and target == "/run/secrets"):
-        raise MigrationError(f"{where} already uses {target} (a volume, or compose secrets:); give another --target")
+def _leftovers(compose: dict, services: list[Service]) -> list[str]:
+    """Where an `x-` extension field, the usual home of anchors, holds a migrated `KEY` with its value."""
+    moved, found = {(k, v) for s in services for k, v in s.secrets.items()}, []
+
+    def walk(node: object, where: str) -> None:
+        for key, value in node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ():
+            name, text = (str(key), _text(value)) if isinstance(node, dict) else str(value).partition("=")[::2]
+            if (name, (text or "").replace("$$", "$")) in moved:
+                found.append(f"{where}.{key}" if isinstance(node, dict) else f"{where}[{key}]")
+            walk(value, f"{where}.{key}" if isinstance(node, dict) else f"{where}[{key}]")
+
+    for key, value in compose.items():
+        if str(key).startswith("x-"):
+            walk(value, str(key))
+    return found
 
 
 def _owner(name: str, user: object, notices: list[str]) -> dict[str, str]:
-    """uid/gid options from the service's `user:` when numeric: the files are then readable by the app."""
+    """uid/gid options from the service's `user:` when numeric, so the app can read its files."""
     uid, _, gid = str(user).partition(":") if user is not None else ("", "", "")
     if uid and not uid.isdigit():
         notices.append(f"{name}: user {uid!r} is not numeric: set uid= (and gid=) on the volume to its numeric id, "
@@ -143,7 +166,7 @@ def _owner(name: str, user: object, notices: list[str]) -> dict[str, str]:
 
 
 def script(services: list[Service], mount: str, *, show_values: bool, stored: bool, set_up: bool) -> str:
-    """The Vault / OpenBao commands that create what the volumes read: a `sh` script for the operator."""
+    """The Vault / OpenBao commands creating what the volumes read, as a `sh` script for the operator."""
     lines = ["#!/bin/sh", "# Vault / OpenBao setup for the migrated services: run it with your own token (bao login).",
              "set -eu"]
     if not (show_values or stored):
@@ -154,44 +177,45 @@ def script(services: list[Service], mount: str, *, show_values: bool, stored: bo
         lines.append(f"\n# {s.name}: {len(s.secrets)} secret(s) at {mount}/data/{s.kv_path}, read with token role {s.name}")
         if stored:
             lines.append("# (stored by migrate --write)")
-        else:
+        else:  # JSON on stdin: no value is ever read as @file or -, and any character survives
             data = {k: (v if show_values else REDACTED) for k, v in s.secrets.items()}
             lines += [f"bao kv put -mount={mount} -cas=0 {s.kv_path} - <<'JSON'", json.dumps(data, indent=2), "JSON"]
         if not set_up:
-            lines += [f"bao policy write {s.policy} - <<'HCL'", f'path "{mount}/data/{s.kv_path}" {{ capabilities = ["read"] }}',
-                      "HCL", f"bao write auth/token/roles/{s.name} allowed_policies={s.policy} renewable=true"]
+            lines += [f"bao policy write {s.policy} - <<'HCL'", _policy(mount, s).rstrip(), "HCL",
+                      f"bao write auth/token/roles/{s.name} allowed_policies={s.policy} renewable=true"]
     lines += ["\n# Add to the plugin's own policy (vault-secrets-plugin), so it may mint tokens from these roles:"]
     lines += [f'#   path "auth/token/create/{s.name}" {{ capabilities = ["update"] }}' for s in services]
     return "\n".join(lines) + "\n"
 
 
+def _policy(mount: str, service: Service) -> str:
+    return f'path "{mount}/data/{service.kv_path}" {{ capabilities = ["read"] }}\n'
+
+
 def store(services: list[Service], mount: str, addr: str | None, *, overwrite: bool, set_up: bool) -> None:
-    """Write each service's secrets to KV v2 (check-and-set 0 unless `overwrite`) and, with `set_up`, its
-    policy and token role, with the operator's token. Nothing is written if any target exists."""
+    """Write each service's secrets to KV v2 (check-and-set 0 unless `overwrite`) and, with `set_up`, its policy
+    and token role, with the operator's token. Writes nothing if something exists, unless `overwrite`."""
     import hvac  # only --write talks to Vault
     import requests
 
     client = hvac.Client(url=addr, token=os.environ.get("VAULT_TOKEN") or os.environ.get("BAO_TOKEN"), timeout=15)
-    if not client.token:
+    if not client.token:  # hvac also read ~/.vault-token
         raise MigrationError("no Vault token: set VAULT_TOKEN or log in (bao login); use your own token, never the plugin's")
     path = f"sys/internal/ui/mounts/{mount}"
     try:
-        try:  # how the bao CLI tells KV versions apart; any token may ask about mounts it can use
-            version = (client.read(path) or {}).get("data", {}).get("options", {}).get("version")
+        try:  # how the bao CLI tells KV versions apart; any token may ask about a mount it can use
+            version = ((client.read(path) or {}).get("data") or {}).get("options", {}).get("version")
         except hvac.exceptions.Forbidden as e:
             raise MigrationError(f"no secrets engine at {mount}/ on {client.url} that your token may use") from e
         if version != "2":
             raise MigrationError(f"{mount}/ at {client.url} is not a KV version 2 mount (version {version or 'unknown'})")
         exists = []
-        for s in services:
-            path = f"{mount}/metadata/{s.kv_path}"
+        for s in [] if overwrite else services:
             try:
-                if not overwrite and client.read(path) is not None:
-                    exists.append(f"{mount}/data/{s.kv_path}")
+                exists += [f"{mount}/data/{s.kv_path}"] if client.read(path := f"{mount}/metadata/{s.kv_path}") else []
             except hvac.exceptions.Forbidden:
                 pass  # a token may write data without reading metadata: check-and-set still refuses
-            path = f"sys/policies/acl/{s.policy}"
-            if set_up and not overwrite and (client.read(path) or client.read(f"auth/token/roles/{s.name}")):
+            if set_up and (client.read(path := f"sys/policies/acl/{s.policy}") or client.read(f"auth/token/roles/{s.name}")):
                 exists.append(f"policy {s.policy} or token role {s.name}")
         if exists:
             raise MigrationError(f"already exists, nothing written: {', '.join(exists)}; rerun with --overwrite to replace")
@@ -200,10 +224,8 @@ def store(services: list[Service], mount: str, addr: str | None, *, overwrite: b
             client.secrets.kv.v2.create_or_update_secret(s.kv_path, s.secrets, cas=None if overwrite else 0, mount_point=mount)
             click.echo(f"wrote {len(s.secrets)} keys to {path}", err=True)
             if set_up:
-                path = f"sys/policies/acl/{s.policy}"
-                client.sys.create_or_update_policy(s.policy, f'path "{mount}/data/{s.kv_path}" {{ capabilities = ["read"] }}\n')
-                path = f"auth/token/roles/{s.name}"
-                client.write_data(path, data={"allowed_policies": s.policy, "renewable": True})
+                client.sys.create_or_update_policy(s.policy, _policy(mount, s))
+                client.write_data(path := f"auth/token/roles/{s.name}", data={"allowed_policies": s.policy, "renewable": True})
                 click.echo(f"wrote policy {s.policy} and token role {s.name}", err=True)
     except requests.exceptions.RequestException as e:
         raise MigrationError(f"cannot reach Vault at {client.url}: {type(e).__name__}") from e
@@ -220,58 +242,55 @@ def store(services: list[Service], mount: str, addr: str | None, *, overwrite: b
 @click.command()
 @click.argument("compose_file", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--kv-mount", default="secret", show_default=True, help="Mount path of the KV version 2 engine.")
-@click.option("--path-prefix", help="KV path under which each service gets <prefix>/<service>.  [default: the project name]")
-@click.option("-p", "--project-name", help="Compose project name, for volume names.  [default: name: in the file, else its directory]")
-@click.option("--only", multiple=True, metavar="NAME", help="Migrate exactly these entries, instead of the detected ones (repeatable).")
+@click.option("--path-prefix", help="Secrets go to <kv-mount>/data/<path-prefix>/<service>.  [default: the project name]")
+@click.option("-p", "--project-name", help="For volume names.  [default: name: in the file, else its directory]")
+@click.option("--only", multiple=True, metavar="NAME", help="Migrate exactly these entries, whatever the guess (repeatable).")
 @click.option("--exclude", multiple=True, metavar="NAME", help="Never migrate this entry (repeatable).")
 @click.option("--consume", type=click.Choice(["file", "env"]), default="file", show_default=True,
-              help="file: one file per secret and KEY_FILE=<path> entries; env: one <service>.env file to source.")
+              help="file: one file per secret, and KEY_FILE=<path> entries; env: one <service>.env file to source.")
 @click.option("--target", default="/run/secrets", show_default=True, help="Where the volume is mounted in the containers.")
-@click.option("--show-values", is_flag=True, help="Put the secret values in the printed commands (they are redacted otherwise).")
-@click.option("--write", is_flag=True, help="Store the values in KV v2 with your own token (VAULT_ADDR, VAULT_TOKEN or ~/.vault-token).")
-@click.option("--overwrite", is_flag=True, help="With --write: replace secrets (and with --setup-vault, policies and roles) that exist.")
+@click.option("--show-values", is_flag=True, help="Put the secret values in the printed commands (redacted otherwise).")
+@click.option("--write", is_flag=True, help="Store the values in KV v2 with your own token (VAULT_TOKEN or ~/.vault-token).")
+@click.option("--overwrite", is_flag=True, help="With --write: replace secrets (with --setup-vault, policies and roles) that exist.")
 @click.option("--setup-vault", is_flag=True, help="With --write: also write each service's policy and token role.")
-@click.option("--vault-addr", envvar=["VAULT_ADDR", "BAO_ADDR"], help="Vault or OpenBao address, for --write.")
+@click.option("--vault-addr", envvar=["VAULT_ADDR", "BAO_ADDR"], help="Vault or OpenBao address, for --write (VAULT_ADDR or BAO_ADDR).")
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), help="Write the rewritten compose file here.")
 @click.option("--in-place", is_flag=True, help="Rewrite COMPOSE_FILE itself, keeping the original as COMPOSE_FILE.bak.")
 def migrate(compose_file, kv_mount, path_prefix, project_name, only, exclude, consume, target, show_values, write,
             overwrite, setup_vault, vault_addr, output, in_place) -> None:
     """Move secrets from COMPOSE_FILE's environment entries into Vault / OpenBao and vault-secrets volumes.
 
-    Prints the rewritten compose file and the Vault commands to create the secrets, policies and token
-    roles; secret values are never printed unless --show-values."""
+    Prints the rewritten compose file and the Vault commands that store the secrets and create their
+    policies and token roles. Secret values are never printed unless --show-values."""
     if (setup_vault or overwrite) and not write:
         raise click.UsageError("--setup-vault and --overwrite only apply with --write")
-    if output and in_place or output and output.resolve() == compose_file.resolve():
+    if output and (in_place or output.resolve() == compose_file.resolve()):
         raise click.UsageError("to rewrite the compose file itself, give --in-place (it keeps a .bak), not --output")
     try:
         text = compose_file.read_text()
+        compose = yaml.safe_load(text)
     except OSError as e:
         raise MigrationError(f"cannot read {compose_file}: {e.strerror}") from e
-    try:
-        compose = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise MigrationError(f"{compose_file} is not valid YAML: {e}") from e
     raw = project_name or (compose.get("name") if isinstance(compose, dict) else None) or compose_file.resolve().parent.name
-    project = re.sub(r"[^a-z0-9_-]", "", str(raw).lower()).lstrip("_-")
-    if not project:
+    if not (project := re.sub(r"[^a-z0-9_-]", "", str(raw).lower()).lstrip("_-")):
         raise MigrationError(f"cannot make a project name of {raw!r}: give --project-name")
-    compose, services, notices = plan(compose, str(compose_file), project=project, mount=kv_mount.strip("/"),
-                                      prefix=(path_prefix if path_prefix is not None else project).strip("/"),
-                                      consume=consume, target=target.rstrip("/"), only=only, exclude=exclude)
+    mount = kv_mount.strip("/")
+    services, notices = plan(compose, str(compose_file), Choices(
+        project, mount, (project if path_prefix is None else path_prefix).strip("/"), consume, target.rstrip("/"), only, exclude))
     for notice in notices:
         click.echo(notice, err=True)
     if not services:
         raise MigrationError(f"nothing to migrate in {compose_file}: no environment entry looks like a secret (see --only)")
     click.echo(f"the values stay in {compose_file}{' and its .bak' if in_place else ''} (and any copy or git history "
                "of it): rotate them once the services read them from Vault", err=True)
-    if write:
-        store(services, kv_mount.strip("/"), vault_addr, overwrite=overwrite, set_up=setup_vault)
+    if write:  # before the compose file is written: it would point at secrets that are not there
+        store(services, mount, vault_addr, overwrite=overwrite, set_up=setup_vault)
     rewritten = (f"# Rewritten by vault-secrets-plugin migrate from {compose_file.name}: secrets come from vault-secrets\n"
                  "# volumes. Comments and YAML anchors of the original are not kept.\n" + _dump(compose))
-    commands = script(services, kv_mount.strip("/"), show_values=show_values, stored=write, set_up=setup_vault)
-    destination = compose_file if in_place else output
-    if destination is None:
+    commands = script(services, mount, show_values=show_values, stored=write, set_up=setup_vault)
+    if not (destination := compose_file if in_place else output):
         click.echo(rewritten + "\n# ---- Vault / OpenBao commands ----\n" + commands, nl=False)
         return
     try:
@@ -289,13 +308,19 @@ def migrate(compose_file, kv_mount, path_prefix, project_name, only, exclude, co
 
 
 class _Dumper(yaml.SafeDumper):
-    """Block style with list items indented under their key, as compose files are usually written."""
+    """Block style, list items indented under their key, double quotes: as compose files are usually written."""
 
     def increase_indent(self, flow=False, indentless=False):
         return super().increase_indent(flow, False)
 
     def ignore_aliases(self, data):
         return True
+
+    def choose_scalar_style(self):
+        return '"' if (style := super().choose_scalar_style()) == "'" else style  # uid: "1000", as in the docs
+
+
+_Dumper.add_representer(type(None), lambda dumper, _: dumper.represent_scalar("tag:yaml.org,2002:null", ""))  # `pgdata:`
 
 
 def _dump(data: object) -> str:
