@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PLUGIN_NAME ?= vault-secrets
 PYTEST_ARGS ?=
 
-.PHONY: venv run test unit clean
+.PHONY: venv run test unit bench clean
 
 venv: $(VENV)/.installed
 
@@ -20,6 +20,9 @@ run: venv
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) bench/run.py
 
 unit: venv
 	$(PY) -m pytest -m 'not openbao and not docker' $(PYTEST_ARGS)

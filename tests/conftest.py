@@ -230,3 +230,53 @@ def databases(bao, tmp_path_factory) -> Iterator[Databases]:
             except Exception:  # best effort in teardown; the server goes away next
                 pass
         pg.stop()
+
+
+# -- a real dockerd (hermetic, started here) and the plugin as its legacy plugin --
+
+
+SECRET = "correct-horse-battery-staple"
+PLUGINS_DIR = Path("/run/docker/plugins")
+
+
+@pytest.fixture(scope="module")
+def docker(tmp_path_factory):
+    """A dockerd per test module: dockerd remembers every legacy plugin it used, and asks each of them
+    (retrying ~30 s on a removed socket) when looking up an unknown volume, so modules do not share one."""
+    require_root()
+    require(shutil.which("dockerd") is not None or Path("/usr/sbin/dockerd").exists(), "dockerd", "apt-get install docker.io")
+    require(Path("/bin/busybox").exists(), "busybox", "apt-get install busybox-static")
+    from tests.support.dockerd import Dockerd
+    from tests.support.images import build_busybox_image
+
+    daemon = Dockerd.start(tmp_path_factory.mktemp("dockerd"))
+    try:
+        daemon.image = build_busybox_image(daemon)
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture
+def plugin(bao, docker, short_tmp, unique_name):
+    """The plugin as a legacy plugin named `unique_name`: dockerd finds `<name>.sock` on first use."""
+    PLUGINS_DIR.mkdir(parents=True, exist_ok=True)
+    socket = PLUGINS_DIR / f"{unique_name}.sock"
+    process = PluginProcess(socket, short_tmp / "state", bao.addr, role_id=bao.seed.role_id,
+                            wrapped_secret_id_file=bao.write_wrapped_secret_id(short_tmp / "wrapped"),
+                            log_path=short_tmp / "plugin.log",
+                            extra=["--docker-socket", docker.host.removeprefix("unix://")])
+    process.name = unique_name
+    process.mount_root = short_tmp / "state" / "mounts"
+    try:
+        yield process.wait_until_serving().wait_until_authenticated()
+    finally:
+        for volume in docker.docker("volume", "ls", "-q", "--filter", f"driver={unique_name}", check=False).stdout.split():
+            docker.docker("volume", "rm", "-f", volume, check=False)
+        process.stop()
+        socket.unlink(missing_ok=True)
+
+
+def live_tmpfs_below(root: Path) -> list[str]:
+    return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if line.split()[4].startswith(f"{root}/")]

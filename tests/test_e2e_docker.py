@@ -4,57 +4,15 @@ OpenBao holds the secrets, and containers run as a non-root user."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import require, require_root
-from tests.support.plugin import PluginProcess
+from tests.conftest import SECRET, live_tmpfs_below
 
 pytestmark = [pytest.mark.docker, pytest.mark.openbao]
-
-SECRET = "correct-horse-battery-staple"
-PLUGINS_DIR = Path("/run/docker/plugins")
-
-
-@pytest.fixture(scope="session")
-def docker(tmp_path_factory):
-    require_root()
-    require(shutil.which("dockerd") is not None or Path("/usr/sbin/dockerd").exists(), "dockerd", "apt-get install docker.io")
-    require(Path("/bin/busybox").exists(), "busybox", "apt-get install busybox-static")
-    from tests.support.dockerd import Dockerd
-    from tests.support.images import build_busybox_image
-
-    daemon = Dockerd.start(tmp_path_factory.mktemp("dockerd"))
-    try:
-        daemon.image = build_busybox_image(daemon)
-        yield daemon
-    finally:
-        daemon.stop()
-
-
-@pytest.fixture
-def plugin(bao, docker, short_tmp, unique_name):
-    """The plugin as a legacy plugin named `unique_name`: dockerd finds `<name>.sock` on first use."""
-    PLUGINS_DIR.mkdir(parents=True, exist_ok=True)
-    socket = PLUGINS_DIR / f"{unique_name}.sock"
-    process = PluginProcess(socket, short_tmp / "state", bao.addr, role_id=bao.seed.role_id,
-                            wrapped_secret_id_file=bao.write_wrapped_secret_id(short_tmp / "wrapped"),
-                            log_path=short_tmp / "plugin.log",
-                            extra=["--docker-socket", docker.host.removeprefix("unix://")])
-    process.name = unique_name
-    process.mount_root = short_tmp / "state" / "mounts"
-    try:
-        yield process.wait_until_serving().wait_until_authenticated()
-    finally:
-        for volume in docker.docker("volume", "ls", "-q", "--filter", f"driver={unique_name}", check=False).stdout.split():
-            docker.docker("volume", "rm", "-f", volume, check=False)
-        process.stop()
-        socket.unlink(missing_ok=True)
-
 
 def create_volume(docker, plugin, name, *options):
     opts = [a for o in ("role=web", "secret.db_password=secret/data/web/db#password", "uid=1000", *options) for a in ("-o", o)]
@@ -63,11 +21,6 @@ def create_volume(docker, plugin, name, *options):
 
 def run(docker, *args, check=True):
     return docker.docker("run", "--rm", "--network", "none", *args, check=check)
-
-
-def live_tmpfs_below(root: Path) -> list[str]:
-    return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
-            if line.split()[4].startswith(f"{root}/")]
 
 
 def test_non_root_container_reads_its_secret_and_cannot_write(docker, plugin, bao, unique_name):
