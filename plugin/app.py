@@ -119,7 +119,9 @@ def _body() -> dict[str, Any]:
         return {}
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+        # A lone surrogate ("\ud800") decodes but is no text: refused here, not by SQLite or a file write.
+        json.dumps(body, ensure_ascii=False).encode()
+    except (ValueError, UnicodeError, RecursionError) as e:  # RecursionError: nesting deeper than the parser goes
         raise InvalidOptionError("request body is not valid JSON") from e
     if not isinstance(body, dict):
         raise InvalidOptionError("request body must be a JSON object")

@@ -11,10 +11,24 @@ import click
 
 from plugin.errors import PluginError
 from plugin.settings import Settings
-from plugin.wrapping import DEFAULT_ALLOWED_PATHS
+from plugin.settings import DEFAULT_ALLOWED_PATHS
 
 
-@click.group()
+class _Commands(click.Group):
+    """Loads `migrate` (YAML, templates) only when it is asked for: `serve` stays lean."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), "migrate"])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name == "migrate":
+            from plugin.migrate import migrate
+
+            return migrate
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_Commands)
 def main() -> None:
     """vault-secrets: a Docker volume plugin delivering Vault / OpenBao secrets as files on a per-container tmpfs."""
 
@@ -208,10 +222,6 @@ def _allowed_paths(raw: str) -> tuple[str, ...]:
         raise click.BadParameter("give at least one pattern", param_hint="--wrap-allowed-paths")
     return paths
 
-
-from plugin.migrate import migrate  # noqa: E402  (its own module: an operator tool, not part of serving)
-
-main.add_command(migrate)
 
 if __name__ == "__main__":
     main()

@@ -34,7 +34,7 @@ from plugin.spec import TOKEN_FILE_WRAP_TTL, Source, Spec, parse_spec
 from plugin.store import MountRecord, Store, VolumeRecord
 from plugin.upkeep import MountUpkeep, Notify, fetch_all
 from plugin.vault import Fetched, Vault
-from plugin.wrapping import DEFAULT_ALLOWED_PATHS
+from plugin.settings import DEFAULT_ALLOWED_PATHS
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("plugin.audit")
@@ -329,7 +329,8 @@ class Driver:
     def _require_volume(self, name: str) -> VolumeRecord:
         volume = self._store.volume(name)
         if volume is None:
-            raise VolumeNotFoundError(f"no vault-secrets volume named {name!r}: create it with docker volume create -d vault-secrets")
+            # Bounded: a volume name is at most 128 characters, but a request may carry any string.
+            raise VolumeNotFoundError(f"no vault-secrets volume named {name[:128]!r}: create it with docker volume create -d vault-secrets")
         return volume
 
     @contextmanager

@@ -74,11 +74,6 @@ class Scheduler:
         with self._changed:
             self._entries.pop(key, None)
 
-    def cancel_where(self, predicate: Callable[[Hashable], bool]) -> None:
-        with self._changed:
-            for key in [k for k in self._entries if predicate(k)]:
-                del self._entries[key]
-
     def __len__(self) -> int:
         with self._changed:
             return len(self._entries)

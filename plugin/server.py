@@ -1,53 +1,24 @@
-"""Wiring and serving: builds the components from `Settings` and runs them under gunicorn.
+"""Serving: gunicorn on the plugin's Unix sockets, and the checks made before it starts.
 
-gunicorn's arbiter binds the Unix socket before the worker starts, so dockerd can connect while the
-worker is still authenticating to Vault. One worker with threads: the refcount locks and background
-threads live in that worker, started after the fork (sockets, SQLite and threads do not survive one).
+This module runs in gunicorn's master process and imports nothing heavy: the components are built in
+the worker, after the fork (plugin/service.py). gunicorn's arbiter binds the sockets before the worker
+starts, so dockerd can connect while the worker is still authenticating to Vault. One worker with
+threads: the refcount locks and background threads live in that worker.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import logging.config
 import os
 import stat
-import threading
-from collections.abc import Callable
 
 from gunicorn.app.base import BaseApplication
 
-from plugin.app import create_app, create_control_app
-from plugin.docker_api import DockerAPI
-from plugin.driver import Driver
 from plugin.errors import PluginError, StateError
-from plugin.identity import Identity
-from plugin.leases import Scheduler
 from plugin.logs import logging_config
-from plugin.metrics import IDENTITY_SECONDS_LEFT, MOUNTS_ACTIVE, serve_metrics
-from plugin.mounts import TmpfsMounter
-from plugin.operations import Operations
-from plugin.seal import Sealer
 from plugin.settings import Settings
-from plugin.store import Store
-from plugin.vault import Vault
 
 log = logging.getLogger(__name__)
-
-# gunicorn's arbiter halts with this status when a worker exits with it ("worker failed to boot").
-WORKER_BOOT_ERROR = 3
-MAINTENANCE_SECONDS = 30.0
-
-
-@dataclasses.dataclass
-class Service:
-    driver: Driver
-    identity: Identity
-    scheduler: Scheduler
-    store: Store
-    vault: Vault
-    stop: threading.Event
-    docker: DockerAPI | None = None
 
 
 def prepare_state_dir(settings: Settings) -> None:
@@ -68,73 +39,36 @@ def check_seal_key(settings: Settings) -> None:
         )
 
 
-def build_service(settings: Settings) -> Service:
-    """Construct every component; nothing here talks to Vault."""
-    prepare_state_dir(settings)
-    store = Store(settings.database_path, Sealer.load_or_create(settings.key_path))
-    vault = Vault(settings.vault_addr, cacert=settings.vault_cacert, namespace=settings.vault_namespace, timeout=settings.vault_timeout)
-    identity = Identity(
-        vault,
-        store,
-        approle_mount=settings.approle_mount,
-        role_id=settings.role_id,
-        wrapped_secret_id_file=settings.wrapped_secret_id_file,
-    )
-    scheduler = Scheduler()
-    docker = DockerAPI(settings.docker_socket) if settings.docker_socket else None
-    driver = Driver(store, vault, identity, TmpfsMounter(settings.mount_root), scheduler, hostname=settings.hostname,
-                    wrap_allowed_paths=settings.wrap_allowed_paths, notify=docker.signal if docker else None)
-    MOUNTS_ACTIVE.set_function(store.count_active_mounts)
-    IDENTITY_SECONDS_LEFT.set_function(identity.seconds_left)
-    return Service(driver, identity, scheduler, store, vault, threading.Event(), docker)
+def check_state(settings: Settings) -> None:
+    """Open the state database once before serving: a damaged or newer one stops the start with its message
+    (not a worker that fails to boot after the socket is bound), and migrations run before any call.
 
-
-def start_background(service: Service) -> None:
-    """Start the identity, renewal and maintenance (reconcile, then retry owed revocations) threads."""
-    threading.Thread(target=service.identity.run, args=(service.stop, _halt), name="identity", daemon=True).start()
-    threading.Thread(target=service.scheduler.run, args=(service.stop,), name="scheduler", daemon=True).start()
-    threading.Thread(target=_maintain, args=(service,), name="maintenance", daemon=True).start()
-
-
-def _maintain(service: Service) -> None:
-    """Reconcile once at start, then periodically: retry owed revocations and, with a docker socket,
-    release mounts whose containers are gone."""
-    try:
-        service.driver.reconcile()
-    except PluginError as e:
-        log.error("reconciliation of stale mounts failed: %s", e)
-    while True:
-        if service.docker is not None:
-            try:
-                service.driver.release_unused(service.docker.running_containers_using)
-            except PluginError as e:
-                log.warning("checking for mounts of stopped containers failed: %s", e)
-        if service.stop.wait(MAINTENANCE_SECONDS):
-            return
+    Done in a short-lived child process, so the master never imports SQLite and cryptography: every
+    page it holds would otherwise be copied into the worker by CPython's reference counting.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report a refusal through the pipe, exit without running any cleanup
+        os.close(read_end)
+        status = 0
         try:
-            service.driver.retry_pending_revocations()
+            from plugin.seal import Sealer
+            from plugin.store import Store
+
+            Store(settings.database_path, Sealer.load_or_create(settings.key_path)).close()
         except PluginError as e:
-            log.warning("retrying owed revocations failed: %s", e)
-
-
-def _halt(error: PluginError) -> None:
-    """Stop the whole plugin (not just this worker): used for security events that must not be retried."""
-    log.critical("stopping the plugin: %s", error)
-    logging.shutdown()
-    os._exit(WORKER_BOOT_ERROR)
-
-
-class SocketDispatcher:
-    """WSGI app choosing the application by the Unix socket a connection came in on: control calls are
-    served on the control socket only, never on the socket dockerd (and so the Docker API) reaches."""
-
-    def __init__(self, default: Callable, by_socket: dict[str, Callable]):
-        self._default, self._by_socket = default, by_socket
-
-    def __call__(self, environ: dict, start_response: Callable):
-        connection = environ.get("gunicorn.socket")
-        name = connection.getsockname() if connection is not None else None
-        return self._by_socket.get(name, self._default)(environ, start_response)
+            os.write(write_end, str(e).encode()[:65536])
+            status = 1
+        except BaseException as e:  # noqa: BLE001  (any other failure still must not run the parent's code)
+            os.write(write_end, f"cannot open the state database {settings.database_path}: {e}".encode()[:65536])
+            status = 1
+        os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        message = pipe.read().decode(errors="replace")
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise StateError(message or f"the state database {settings.database_path} could not be opened")
 
 
 class PluginServer(BaseApplication):
@@ -164,16 +98,10 @@ class PluginServer(BaseApplication):
             if key in self.cfg.settings:
                 self.cfg.set(key, value)
 
-    def load(self) -> SocketDispatcher:
-        # Runs in the worker, after the fork.
-        service = build_service(self._settings)
-        if self._settings.metrics_addr:
-            host, port = serve_metrics(self._settings.metrics_addr)
-            log.info("serving metrics on http://%s:%s/metrics", host, port)
-        start_background(service)
-        operations = Operations(service.vault, service.store, service.identity, vault_addr=self._settings.vault_addr)
-        control = create_control_app(service.identity, service.driver, operations)
-        return SocketDispatcher(create_app(service.driver), {str(self._settings.control_socket_path): control})
+    def load(self):
+        from plugin.service import build_application  # in the worker only: see plugin/service.py
+
+        return build_application(self._settings)
 
 
 def serve(settings: Settings, *, log_level: str = "info", log_format: str = "json") -> None:
@@ -181,4 +109,5 @@ def serve(settings: Settings, *, log_level: str = "info", log_format: str = "jso
     os.umask(0o077)  # the database, its journal and anything else the plugin creates: root only
     prepare_state_dir(settings)
     check_seal_key(settings)
+    check_state(settings)
     PluginServer(settings, log_level=log_level, log_format=log_format).run()

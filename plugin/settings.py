@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from plugin.wrapping import DEFAULT_ALLOWED_PATHS
+# Wrapping tokens accepted for wrapped-token= volumes: made by token roles or auth/token/create, and
+# AppRole SecretIDs (plugin/wrapping.py never accepts sys/wrapping/wrap, whatever is configured).
+DEFAULT_ALLOWED_PATHS = ("auth/token/create*", "auth/*/role/*/secret-id")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,6 +70,9 @@ CREATE TABLE pending_revocations (
     since REAL NOT NULL
 );
 """
+# MIGRATIONS[v] takes a database at schema version v to v + 1 (version 0 is a new, empty file). A schema
+# change appends its step here and raises SCHEMA_VERSION: existing state is carried forward, never recreated.
+MIGRATIONS: tuple[str, ...] = (_SCHEMA,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +128,11 @@ class Store:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         try:
+            # Damage past the first page would otherwise show only later, as failing Get and List calls
+            # (and dockerd forgets a volume whose Get fails): refuse it here, before anything is served.
+            problems = [row[0] for row in self._db.execute("PRAGMA quick_check").fetchall()]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError("; ".join(problems)[:300])
             self._db.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode survives a process crash; after a power loss the tmpfs mounts are gone
             # too and the tokens die by TTL, so paying an fsync per commit would buy nothing.
@@ -147,10 +155,19 @@ class Store:
                 f"state database {path} has schema version {version}, newer than this plugin's "
                 f"{SCHEMA_VERSION}: run the newer plugin version, or restore a backup"
             )
-        if version == 0:
-            # executescript commits any open transaction first, so the script carries its own.
-            with self._lock:
-                self._db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+        with self._lock:
+            for step in range(version, SCHEMA_VERSION):
+                try:
+                    # executescript commits any open transaction first, so each step carries its own, and
+                    # a step that fails is undone whole.
+                    self._db.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[step]} PRAGMA user_version={step + 1}; COMMIT;")
+                except sqlite3.Error as e:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise StateError(
+                        f"could not migrate state database {path} from schema version {step} to {step + 1} ({e}); "
+                        f"it was left at version {step} with its data: restore a backup or run the plugin version that wrote it"
+                    ) from e
 
     def close(self) -> None:
         with self._lock:

@@ -30,7 +30,8 @@ Notify = Callable[[str, str], None]  # (volume, signal)
 
 
 def fetch_all(vault: Vault, token: str, sources: tuple[Source, ...]) -> dict[Source, Fetched]:
-    return {source: vault.fetch(token, source.path, source.params) for source in sources}
+    """One request per source, made concurrently."""
+    return dict(zip(sources, vault.fetch_many(token, [(s.path, s.params) for s in sources])))
 
 
 class MountUpkeep:
@@ -46,24 +47,29 @@ class MountUpkeep:
         self._first_duration = {s: f.lease_duration for s, f in self._current.items() if f.lease_id}
         self._final: set[Source] = set()
         self._key = ("mount", record.volume, record.mount_id)
+        self._keys: list[tuple] = []  # what `start` scheduled, so `stop` cancels it without scanning every task
 
     def start(self, resumed: bool = False) -> None:
         """Schedule the mount's renewals; `resumed` (after a restart) renews at once, as lifetimes are unknown."""
         token_ttl = 0 if resumed else self._spec.ttl
         if self._record.owns_token:
-            self._scheduler.schedule((*self._key, "token"), token_renewal(self._vault, self._record.token),
-                                     renewal_delay(token_ttl), token_ttl or None)
+            self._schedule((*self._key, "token"), token_renewal(self._vault, self._record.token),
+                           renewal_delay(token_ttl), token_ttl or None)
         leases = self._store.leases(self._record.volume, self._record.mount_id)
         for source in self._spec.sources:
             if str(source) in leases:
                 ttl = 0 if resumed else self._current[source].lease_duration
-                self._scheduler.schedule((*self._key, "lease", str(source)), self._lease_task(source),
-                                         renewal_delay(ttl), ttl or None)
+                self._schedule((*self._key, "lease", str(source)), self._lease_task(source), renewal_delay(ttl), ttl or None)
         if self._spec.refresh and any(str(s) not in leases for s in self._spec.sources):
-            self._scheduler.schedule((*self._key, "refresh"), self._refresh, self._spec.refresh)
+            self._schedule((*self._key, "refresh"), self._refresh, self._spec.refresh)
+
+    def _schedule(self, key: tuple, task: Callable, delay: float, lifetime: float | None = None) -> None:
+        self._keys.append(key)
+        self._scheduler.schedule(key, task, delay, lifetime)
 
     def stop(self) -> None:
-        self._scheduler.cancel_where(lambda key: key[:3] == self._key)
+        for key in self._keys:
+            self._scheduler.cancel(key)
 
     # -- leases ---------------------------------------------------------------------------------
 

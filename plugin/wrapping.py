@@ -18,8 +18,6 @@ from plugin.vault import Vault
 
 audit = logging.getLogger("plugin.audit")
 
-# Tokens created by token roles or `auth/token/create`, and AppRole SecretIDs.
-DEFAULT_ALLOWED_PATHS = ("auth/token/create*", "auth/*/role/*/secret-id")
 # Whoever calls sys/wrapping/wrap chooses what is inside: such a token proves nothing about its content.
 NEVER_ALLOWED_PATH = "sys/wrapping/wrap"
 

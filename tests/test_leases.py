@@ -76,14 +76,6 @@ def test_a_task_returning_none_is_done_and_cancelled_tasks_never_run(clock):
     assert scheduler.run_due() is None and runs == ["once"] and len(scheduler) == 0
 
 
-def test_cancel_where_drops_a_whole_mount(clock):
-    scheduler = Scheduler(clock=clock)
-    for key in [("mount", "v", "m1", "token"), ("mount", "v", "m1", "lease", "db"), ("mount", "v", "m2", "token")]:
-        scheduler.schedule(key, lambda: Again(10), 10)
-    scheduler.cancel_where(lambda key: key[:3] == ("mount", "v", "m1"))
-    assert ("mount", "v", "m2", "token") in scheduler and len(scheduler) == 1
-
-
 def test_outage_is_retried_with_backoff_then_recovers(clock):
     scheduler, lived = Scheduler(clock=clock), Lived(ttl=100)
     scheduler.schedule("t", lived.renew, 60, lifetime=100)

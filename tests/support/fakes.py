@@ -54,6 +54,9 @@ class FakeVault:
             return Fetched({"username": f"user-{n}", "password": f"pw-{n}"}, lease, self.dynamic[path], True)
         return Fetched(self.secrets[path], version=self.versions.get(path))
 
+    def fetch_many(self, token, requests):
+        return [self.fetch(token, path, params) for path, params in requests]
+
     def kv2_current_version(self, token, path):
         self._check()
         return self.versions[path]

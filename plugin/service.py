@@ -1,0 +1,123 @@
+"""The running plugin, assembled: every component built from `Settings`, its background threads, and the
+WSGI application gunicorn serves. Imported only in the gunicorn worker, after the fork, so the master
+process stays small (it needs gunicorn alone).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+from collections.abc import Callable
+
+from plugin.app import create_app, create_control_app
+from plugin.docker_api import DockerAPI
+from plugin.driver import Driver
+from plugin.errors import PluginError
+from plugin.identity import Identity
+from plugin.leases import Scheduler
+from plugin.metrics import IDENTITY_SECONDS_LEFT, MOUNTS_ACTIVE, serve_metrics
+from plugin.mounts import TmpfsMounter
+from plugin.operations import Operations
+from plugin.seal import Sealer
+from plugin.settings import Settings
+from plugin.store import Store
+from plugin.vault import Vault
+
+log = logging.getLogger(__name__)
+
+# gunicorn's arbiter halts with this status when a worker exits with it ("worker failed to boot").
+WORKER_BOOT_ERROR = 3
+MAINTENANCE_SECONDS = 30.0
+
+
+@dataclasses.dataclass
+class Service:
+    driver: Driver
+    identity: Identity
+    scheduler: Scheduler
+    store: Store
+    vault: Vault
+    stop: threading.Event
+    docker: DockerAPI | None = None
+
+
+def build_service(settings: Settings) -> Service:
+    """Construct every component; nothing here talks to Vault."""
+    store = Store(settings.database_path, Sealer.load_or_create(settings.key_path))
+    vault = Vault(settings.vault_addr, cacert=settings.vault_cacert, namespace=settings.vault_namespace, timeout=settings.vault_timeout)
+    identity = Identity(
+        vault,
+        store,
+        approle_mount=settings.approle_mount,
+        role_id=settings.role_id,
+        wrapped_secret_id_file=settings.wrapped_secret_id_file,
+    )
+    scheduler = Scheduler()
+    docker = DockerAPI(settings.docker_socket) if settings.docker_socket else None
+    driver = Driver(store, vault, identity, TmpfsMounter(settings.mount_root), scheduler, hostname=settings.hostname,
+                    wrap_allowed_paths=settings.wrap_allowed_paths, notify=docker.signal if docker else None)
+    MOUNTS_ACTIVE.set_function(store.count_active_mounts)
+    IDENTITY_SECONDS_LEFT.set_function(identity.seconds_left)
+    return Service(driver, identity, scheduler, store, vault, threading.Event(), docker)
+
+
+def start_background(service: Service) -> None:
+    """Start the identity, renewal and maintenance (reconcile, then retry owed revocations) threads."""
+    threading.Thread(target=service.identity.run, args=(service.stop, _halt), name="identity", daemon=True).start()
+    threading.Thread(target=service.scheduler.run, args=(service.stop,), name="scheduler", daemon=True).start()
+    threading.Thread(target=_maintain, args=(service,), name="maintenance", daemon=True).start()
+
+
+def _maintain(service: Service) -> None:
+    """Reconcile once at start, then periodically: retry owed revocations and, with a docker socket,
+    release mounts whose containers are gone."""
+    try:
+        service.driver.reconcile()
+    except PluginError as e:
+        log.error("reconciliation of stale mounts failed: %s", e)
+    while True:
+        if service.docker is not None:
+            try:
+                service.driver.release_unused(service.docker.running_containers_using)
+            except PluginError as e:
+                log.warning("checking for mounts of stopped containers failed: %s", e)
+        if service.stop.wait(MAINTENANCE_SECONDS):
+            return
+        try:
+            service.driver.retry_pending_revocations()
+        except PluginError as e:
+            log.warning("retrying owed revocations failed: %s", e)
+
+
+def _halt(error: PluginError) -> None:
+    """Stop the whole plugin (not just this worker): used for security events that must not be retried."""
+    log.critical("stopping the plugin: %s", error)
+    logging.shutdown()
+    os._exit(WORKER_BOOT_ERROR)
+
+
+class SocketDispatcher:
+    """WSGI app choosing the application by the Unix socket a connection came in on: control calls are
+    served on the control socket only, never on the socket dockerd (and so the Docker API) reaches."""
+
+    def __init__(self, default: Callable, by_socket: dict[str, Callable]):
+        self._default, self._by_socket = default, by_socket
+
+    def __call__(self, environ: dict, start_response: Callable):
+        connection = environ.get("gunicorn.socket")
+        name = connection.getsockname() if connection is not None else None
+        return self._by_socket.get(name, self._default)(environ, start_response)
+
+
+def build_application(settings: Settings) -> SocketDispatcher:
+    """Everything the worker serves: the plugin protocol on dockerd's socket, operator calls on the control socket."""
+    service = build_service(settings)
+    if settings.metrics_addr:
+        host, port = serve_metrics(settings.metrics_addr)
+        log.info("serving metrics on http://%s:%s/metrics", host, port)
+    start_background(service)
+    operations = Operations(service.vault, service.store, service.identity, vault_addr=settings.vault_addr)
+    control = create_control_app(service.identity, service.driver, operations)
+    return SocketDispatcher(create_app(service.driver), {str(settings.control_socket_path): control})
