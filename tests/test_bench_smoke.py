@@ -1,0 +1,33 @@
+"""`make bench` with tiny counts, so the benchmark cannot rot between measurements (its figures here
+mean nothing; bench/results/latest.md holds a real run)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require, require_root
+
+pytestmark = [pytest.mark.docker, pytest.mark.openbao]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_quick_run_produces_every_figure(tmp_path):
+    require_root()
+    require(bool(list(Path("/usr/lib/postgresql").glob("*/bin/initdb"))), "PostgreSQL", "apt-get install postgresql")
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--output", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((tmp_path / "latest.json").read_text())
+    assert set(results["verdicts"]) == {
+        "docker_run_ratio", "mount_kv5_p50_ms", "mount_kv5_p99_ms", "agent_over_mount", "throughput_errors",
+        "throughput_leaked_tokens", "memory_idle_mb", "memory_per_mount_kb"}
+    assert results["throughput"]["errors"] == 0 and results["throughput"]["leaked_tokens"] == 0
+    assert results["mount"]["kv5"]["vault_requests_per_mount"] == {"mint": 1, "read": 5}
+    assert results["renewer"]["real"]["renewals"] > 0
+    assert "| Mount, 5 KV secrets: p50 (ms) |" in (tmp_path / "latest.md").read_text()
