@@ -264,6 +264,10 @@ def _parse_mode(raw: str | None) -> int:
     mode = int(raw, 8)
     if not mode & 0o400:
         raise InvalidOptionError(f"option mode={raw}: the owner must be able to read the files (include 0400)")
+    if mode & 0o111:
+        # The tmpfs is noexec, but docker's own read-only remount for `-v NAME:PATH:ro` drops that flag:
+        # a secret must never be runnable as a program in the container.
+        raise InvalidOptionError(f"option mode={raw}: secret files are never executable (use e.g. 0400, 0440 or 0444)")
     return mode
 
 

@@ -167,7 +167,7 @@ def test_ids(key, raw, value):
     assert getattr(parse_spec(options(**{key: raw})), key) == value
 
 
-@pytest.mark.parametrize(("raw", "mode"), [("0400", 0o400), ("0440", 0o440), ("777", 0o777), ("600", 0o600)])
+@pytest.mark.parametrize(("raw", "mode"), [("0400", 0o400), ("0440", 0o440), ("666", 0o666), ("600", 0o600)])
 def test_modes(raw, mode):
     assert parse_spec(options(mode=raw)).mode == mode
 
@@ -285,7 +285,7 @@ def test_bad_ids(key, raw):
     assert f"{key}=" in refusal(options(**{key: raw}))
 
 
-@pytest.mark.parametrize("mode", ["0888", "0200", "0000", "0040", "04400", "0o400", "rw", "", "400 ", "4755"])
+@pytest.mark.parametrize("mode", ["0888", "0200", "0000", "0040", "04400", "0o400", "rw", "", "400 ", "4755", "0500", "0777", "0441"])
 def test_bad_modes(mode):
     assert "mode=" in refusal(options(mode=mode))
 
