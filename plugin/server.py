@@ -30,12 +30,19 @@ def prepare_state_dir(settings: Settings) -> None:
 
 
 def check_seal_key(settings: Settings) -> None:
-    """Refuse a state database whose seal key is missing, rather than making a new key that opens nothing."""
+    """Refuse a database without its seal key, and a seal key without its database: either way the other
+    half was lost, and starting afresh would silently forget every volume."""
     if settings.database_path.exists() and not settings.key_path.exists():
         raise StateError(
             f"{settings.database_path} exists but its seal key {settings.key_path} is missing, so the sealed tokens "
             "in it cannot be opened: restore seal.key from the same backup, or move the state directory aside to start "
             "afresh (volumes must then be created again)"
+        )
+    if settings.key_path.exists() and (not settings.database_path.exists() or settings.database_path.stat().st_size == 0):
+        raise StateError(
+            f"the state database {settings.database_path} is missing or empty but its seal key {settings.key_path} "
+            "exists: restore the database from backup, or move the state directory aside to start afresh (volumes "
+            "must then be created again)"
         )
 
 
