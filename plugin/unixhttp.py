@@ -10,8 +10,8 @@ from typing import Any
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float):
-        super().__init__("localhost", timeout=timeout)
+    def __init__(self, path: Path, timeout: float, host: str = "localhost"):
+        super().__init__(host, timeout=timeout)
         self._path = path
 
     def connect(self) -> None:

@@ -38,6 +38,17 @@ def require(condition: bool, what: str, fix: str) -> None:
     pytest.skip(message)
 
 
+def require_postgres() -> None:
+    from tests.support.postgres import pg_bindir
+
+    try:
+        pg_bindir()
+        available = True
+    except RuntimeError:
+        available = False
+    require(available, "PostgreSQL (initdb, pg_ctl)", "apt-get install postgresql")
+
+
 def require_root() -> None:
     require(os.geteuid() == 0, "root", "these tests mount tmpfs and drive dockerd; run them as root")
 
@@ -209,14 +220,9 @@ class Databases:
 @pytest.fixture(scope="session")
 def databases(bao, tmp_path_factory) -> Iterator[Databases]:
     from devenv.database import configure_database_engine
-    from tests.support.postgres import PostgresServer, pg_bindir
+    from tests.support.postgres import PostgresServer
 
-    try:
-        pg_bindir()
-        available = True
-    except RuntimeError:
-        available = False
-    require(available, "PostgreSQL (initdb, pg_ctl)", "apt-get install postgresql")
+    require_postgres()
     pg = PostgresServer.start(tmp_path_factory.mktemp("postgres"))
     try:
         for mount, ttl, max_ttl in (("db", "1h", "24h"), ("dbshort", "4s", "12s")):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require, require_root
+from tests.conftest import require_postgres, require_root
 
 pytestmark = [pytest.mark.docker, pytest.mark.openbao]
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_bench_quick_run_produces_every_figure(tmp_path):
     require_root()
-    require(bool(list(Path("/usr/lib/postgresql").glob("*/bin/initdb"))), "PostgreSQL", "apt-get install postgresql")
+    require_postgres()
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--output", str(tmp_path)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -4,13 +4,11 @@ OpenBao holds the secrets, and containers run as a non-root user."""
 from __future__ import annotations
 
 import json
-import subprocess
-import time
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import SECRET, live_tmpfs_below
+from tests.support.plugin import held_tokens
 
 pytestmark = [pytest.mark.docker, pytest.mark.openbao]
 
@@ -103,80 +101,7 @@ def test_token_file_reaches_the_container_and_no_token_is_left_in_state(docker, 
     # The container has exited: the token inside the wrapping was revoked with its mount.
     inner = bao.server.client(wrapping).sys.unwrap()["auth"]
     assert not bao.token_valid(inner["accessor"])
-    identity = _sealed_identity_token(plugin.state_dir)
+    identity = held_tokens(plugin.state_dir)[0]
     state_bytes = b"".join(p.read_bytes() for p in plugin.state_dir.rglob("*") if p.is_file())
     for token in (identity, wrapping, inner["client_token"]):
         assert token.encode() not in state_bytes
-
-
-def _sealed_identity_token(state: Path) -> str:
-    from plugin.seal import Sealer
-    from plugin.store import Store
-
-    store = Store(state / "state.db", Sealer.load_or_create(state / "seal.key"))
-    try:
-        return store.identity().token
-    finally:
-        store.close()
-
-
-def test_database_user_exists_while_the_container_runs_and_not_after(docker, plugin, databases, unique_name):
-    create_volume(docker, plugin, unique_name, "secret.db_user=db/creds/app#username", "secret.db_pass=db/creds/app#password")
-    container = docker.docker("run", "-d", "--network", "none", "--user", "1000", "-v", f"{unique_name}:/run/secrets:ro",
-                              docker.image, "sleep", "60").stdout.strip()
-    try:
-        user = docker.docker("exec", container, "cat", "/run/secrets/db_user").stdout
-        password = docker.docker("exec", container, "cat", "/run/secrets/db_pass").stdout
-        assert databases.pg.can_login(user, password)
-    finally:
-        docker.docker("rm", "-f", container)
-    assert not databases.pg.role_exists(user)
-
-
-def test_reissued_credential_swaps_under_a_reading_container_and_it_is_signalled(docker, plugin, databases, unique_name):
-    create_volume(docker, plugin, unique_name, "secret.db_user=dbshort/creds/app#username", "rotate-grace=2s",
-                  "refresh=0", "notify=SIGHUP")
-    # The container reads the file five times a second and records each SIGHUP.
-    script = ("trap 'echo SIGNAL' HUP; while true; do echo \"READ $(cat /run/secrets/db_user)\"; sleep 0.2 & wait $!; done")
-    container = docker.docker("run", "-d", "--network", "none", "--user", "1000", "-v", f"{unique_name}:/run/secrets:ro",
-                              docker.image, "sh", "-c", script).stdout.strip()
-    try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            logs = docker.docker("logs", container).stdout.splitlines()
-            users = list(dict.fromkeys(line.removeprefix("READ ") for line in logs if line.startswith("READ ")))
-            if len(users) >= 2 and "SIGNAL" in logs:
-                break
-            time.sleep(0.5)
-        assert len(users) >= 2, f"no re-issue seen in the container: {users}"
-        assert all(u.startswith("v-") for u in users), f"a read saw a partial or empty file: {users}"
-        assert "SIGNAL" in logs
-        assert databases.pg.role_exists(users[-1])
-    finally:
-        docker.docker("rm", "-f", container)
-
-
-def test_status_and_break_glass_on_a_running_container(docker, plugin, bao, unique_name):
-    from tests.support.plugin import plugin_command
-
-    create_volume(docker, plugin, unique_name)
-    container = docker.docker("run", "-d", "--network", "none", "--user", "1000", "-v", f"{unique_name}:/run/secrets:ro",
-                              docker.image, "sleep", "60").stdout.strip()
-    try:
-        def cli(*args):
-            return subprocess.run([plugin_command(), *args, "--state-dir", str(plugin.state_dir)],
-                                  capture_output=True, text=True, timeout=60)
-
-        status = json.loads(cli("status", "--json").stdout)
-        [volume] = [v for v in status["volumes"] if v["name"] == unique_name]
-        [mount] = volume["mounts"]
-        assert mount["refcount"] == 1 and mount["token_ttl"] > 0
-        assert cli("doctor", unique_name).returncode == 0
-        [accessor] = bao.accessors_with_meta(volume=unique_name)
-        assert cli("revoke", "--volume", unique_name, "--yes").returncode == 0
-        gone = docker.docker("exec", container, "cat", "/run/secrets/db_password", check=False)
-        assert gone.returncode != 0 and "No such file" in gone.stderr
-        assert not bao.token_valid(accessor)
-    finally:
-        docker.docker("rm", "-f", container)
-    assert live_tmpfs_below(plugin.mount_root) == []

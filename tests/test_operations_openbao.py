@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from devenv.openbao import free_loopback_port
-from tests.support.plugin import plugin_command
+from tests.support.plugin import held_tokens, plugin_command
 
 pytestmark = pytest.mark.openbao
 
@@ -44,7 +44,7 @@ def test_status_shows_volumes_mounts_ttls_identity_and_vault_without_secrets(sta
     assert lease["source"] == "db/creds/app" and 3500 < lease["ttl"] <= 3600
     text = cli(plugin, "status").stdout
     assert "db" in text and MOUNT_ID[:12] in text and "db/creds/app (ttl" in text and "unsealed" in text
-    tokens = _tokens(plugin)
+    tokens = held_tokens(plugin.state_dir)
     assert not any(t in reply.stdout or t in text for t in tokens)
     plugin.client.ok("VolumeDriver.Unmount", {"Name": "db", "ID": MOUNT_ID})
 
@@ -140,14 +140,3 @@ def _scrape(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
             if line and not line.startswith("#")}
-
-
-def _tokens(plugin) -> list[str]:
-    from plugin.seal import Sealer
-    from plugin.store import Store
-
-    store = Store(plugin.state_dir / "state.db", Sealer.load_or_create(plugin.state_dir / "seal.key"))
-    try:
-        return [store.identity().token] + [m.token for m in store.mounts()]
-    finally:
-        store.close()

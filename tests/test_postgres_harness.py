@@ -8,20 +8,15 @@ import time
 import pytest
 
 from devenv.database import configure_database_engine
-from tests.conftest import require
-from tests.support.postgres import PostgresServer, pg_bindir
+from tests.conftest import require_postgres
+from tests.support.postgres import PostgresServer
 
 pytestmark = pytest.mark.openbao
 
 
 @pytest.fixture
 def pg(request, tmp_path) -> PostgresServer:
-    try:
-        pg_bindir()
-        available = True
-    except RuntimeError:
-        available = False
-    require(available, "PostgreSQL (initdb, pg_ctl)", "apt-get install postgresql")
+    require_postgres()
     server = PostgresServer.start(tmp_path)
     request.addfinalizer(server.stop)
     return server

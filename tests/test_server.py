@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from plugin.seal import Sealer
-from plugin.store import Store
-from tests.support.plugin import plugin_command
+from tests.support.plugin import held_tokens, plugin_command
 
 pytestmark = pytest.mark.openbao
 
@@ -133,9 +131,7 @@ def test_no_token_or_secret_leaks_into_logs_state_or_process(start_plugin, bao, 
     plugin.client.ok("VolumeDriver.Create", {"Name": "web", "Opts": OPTIONS})
     plugin.client.ok("VolumeDriver.Mount", {"Name": "web", "ID": MOUNT_ID})
     state = short_tmp / "state"
-    store = Store(state / "state.db", Sealer.load_or_create(state / "seal.key"))
-    tokens = [store.identity().token] + [m.token for m in store.mounts()]
-    store.close()
+    tokens = held_tokens(state)
     needles = [t.encode() for t in tokens] + [SECRET.encode(), b"legacy-kv1-value"]
     pids = [plugin.pid] + [int(p) for p in Path(f"/proc/{plugin.pid}/task/{plugin.pid}/children").read_text().split()]
     haystacks = {
@@ -165,7 +161,7 @@ def test_short_ttl_child_token_is_renewed_while_mounted(start_plugin, bao):
 def test_state_copied_without_its_seal_key_is_refused_and_reveals_nothing(start_plugin, bao, short_tmp):
     plugin = start_plugin()
     plugin.client.ok("VolumeDriver.Create", {"Name": "web", "Opts": OPTIONS})
-    identity_token = _identity_token(short_tmp / "state")
+    identity_token = held_tokens(short_tmp / "state")[0]
     plugin.stop()
     copy = short_tmp / "copied"
     copy.mkdir(mode=0o700)
@@ -176,11 +172,3 @@ def test_state_copied_without_its_seal_key_is_refused_and_reveals_nothing(start_
                               "--vault-addr", bao.addr], capture_output=True, text=True, timeout=30)
     assert refused.returncode != 0 and "seal key" in refused.stderr and "is missing" in refused.stderr
     assert not (copy / "seal.key").exists()
-
-
-def _identity_token(state: Path) -> str:
-    store = Store(state / "state.db", Sealer.load_or_create(state / "seal.key"))
-    try:
-        return store.identity().token
-    finally:
-        store.close()

@@ -9,7 +9,7 @@ from pathlib import Path
 import hvac.exceptions
 import pytest
 
-from tests.support.plugin import plugin_command
+from tests.support.plugin import open_state, plugin_command
 
 pytestmark = pytest.mark.openbao
 
@@ -175,11 +175,7 @@ def bootstrap(short_tmp: Path, wrapped: Path) -> subprocess.CompletedProcess:
 
 
 def _only_volume_credential_accessor(plugin) -> str:
-    from plugin.seal import Sealer
-    from plugin.store import Store
-
-    state = plugin.state_dir
-    store = Store(state / "state.db", Sealer.load_or_create(state / "seal.key"))
+    store = open_state(plugin.state_dir)
     try:
         [credential] = store.volume_credentials().values()
         return credential.accessor

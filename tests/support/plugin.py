@@ -6,29 +6,18 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from plugin.unixhttp import UnixHTTPConnection
+
 ACCEPT = "application/vnd.docker.plugins.v1.2+json"
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float):
-        super().__init__("plugin.moby.localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(str(self._path))
 
 
 class PluginClient:
@@ -40,7 +29,7 @@ class PluginClient:
     def call(self, verb: str, body: dict[str, Any] | bytes | None = None) -> tuple[int, dict[str, Any]]:
         """POST /`verb`; `None` sends an empty body, as dockerd does for List and Capabilities."""
         raw = body if isinstance(body, bytes) else (b"" if body is None else json.dumps(body).encode())
-        connection = _UnixConnection(self.path, self.timeout)
+        connection = UnixHTTPConnection(self.path, self.timeout, host="plugin.moby.localhost")
         try:
             connection.request("POST", f"/{verb}", body=raw, headers={"Accept": ACCEPT})
             response = connection.getresponse()
@@ -120,3 +109,21 @@ class PluginProcess:
                 self.process.wait()
         self._log.close()
         return self.process.returncode
+
+
+def open_state(state_dir: Path):
+    """The plugin's state store, opened with its own seal key, to see what it holds (tests only)."""
+    from plugin.seal import Sealer
+    from plugin.store import Store
+
+    return Store(state_dir / "state.db", Sealer.load_or_create(state_dir / "seal.key"))
+
+
+def held_tokens(state_dir: Path) -> list[str]:
+    """Every token the plugin keeps: its identity, then each mount's token."""
+    store = open_state(state_dir)
+    try:
+        identity = store.identity()
+        return ([identity.token] if identity else []) + [m.token for m in store.mounts()]
+    finally:
+        store.close()
