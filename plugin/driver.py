@@ -236,17 +236,24 @@ class Driver:
     def _teardown(self, record: MountRecord) -> None:
         """Revoke the mount's tokens (and so its leases), remove its tmpfs, forget it.
         Revocations Vault cannot take now are kept and retried."""
+        self._revoke_mount(record)
+        self._mounter.unmount(record.volume, record.mount_id)
+        self._store.remove_mount(record.volume, record.mount_id)
+
+    def _revoke_mount(self, record: MountRecord) -> None:
+        """Stop the mount's upkeep and revoke its tokens (the container's too), and so its leases."""
         upkeep = self._upkeeps.pop((record.volume, record.mount_id), None)
         if upkeep is not None:
             upkeep.stop()
         where = {"volume": record.volume, "mount_id": record.mount_id}
-        parent = self._revoker.parent_token(record.volume)
+        leases = self._store.leases(record.volume, record.mount_id).values()
+        # The parent (an unsealed credential, or the identity) is needed only to revoke the container's
+        # token or to confirm leases: not looked up on the common Unmount path.
+        parent = self._revoker.parent_token(record.volume) if record.container_token_accessor or leases else ""
         if record.container_token_accessor is not None:
             self._revoker.revoke_by_accessor(record.container_token_accessor, parent, **where)
         if record.owns_token and self._revoker.revoke(record.accessor, record.token, **where):
-            self._revoker.confirm_leases_gone(self._store.leases(record.volume, record.mount_id).values(), parent, **where)
-        self._mounter.unmount(record.volume, record.mount_id)
-        self._store.remove_mount(record.volume, record.mount_id)
+            self._revoker.confirm_leases_gone(leases, parent, **where)
 
     # -- recovery -------------------------------------------------------------------------------
 
@@ -297,15 +304,7 @@ class Driver:
         mounts = credentials = 0
         for record in self._store.mounts(volume):
             with self._hold((record.volume, record.mount_id)):
-                upkeep = self._upkeeps.pop((record.volume, record.mount_id), None)
-                if upkeep is not None:
-                    upkeep.stop()
-                where = {"volume": record.volume, "mount_id": record.mount_id}
-                if record.container_token_accessor is not None:
-                    self._revoker.revoke_by_accessor(record.container_token_accessor,
-                                                     self._revoker.parent_token(record.volume), **where)
-                if record.owns_token:
-                    self._revoker.revoke(record.accessor, record.token, **where)
+                self._revoke_mount(record)
                 self._mounter.wipe(record.volume, record.mount_id)
                 self._store.mark_mount_revoked(record.volume, record.mount_id)
                 mounts += 1

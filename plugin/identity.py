@@ -23,6 +23,7 @@ from plugin.errors import (
     VaultUnavailableError,
     WrappingTokenError,
 )
+from plugin.leases import renewal_delay
 from plugin.store import IdentityRecord, Store
 from plugin.vault import IssuedToken, Vault
 from plugin.wrapping import unwrap_checked
@@ -201,7 +202,5 @@ class Identity:
 
 
 def _renewal_delay(ttl: int) -> float:
-    """Renew at about two thirds of the TTL, with jitter; periodic and non-expiring tokens are checked hourly."""
-    if ttl <= 0:
-        return RENEW_MAX_SLEEP
-    return min(ttl * random.uniform(0.6, 0.7), RENEW_MAX_SLEEP)
+    """The shared renewal policy, capped: periodic and non-expiring tokens are checked at least hourly."""
+    return min(renewal_delay(ttl), RENEW_MAX_SLEEP) if ttl > 0 else RENEW_MAX_SLEEP

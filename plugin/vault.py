@@ -196,10 +196,6 @@ class Vault:
 
     # -- secrets --------------------------------------------------------------------------------
 
-    def read_secret(self, token: str, path: str) -> Mapping[str, Any]:
-        """Read the secret at Vault API `path` and return its data (for KV v2, `data.data`)."""
-        return self.fetch(token, path).data
-
     def fetch(self, token: str, path: str, params: tuple[tuple[str, str], ...] = ()) -> Fetched:
         """Read `path`, or write `params` to it (dynamic secrets such as pki/issue/...), with what Vault
         said of the answer: its lease, or for KV v2 its version."""

@@ -53,8 +53,8 @@ def test_child_token_carries_role_policies_and_meta_and_is_revoked(bao, vault, p
     assert data["meta"] == {"volume": "v", "mount_id": "m1", "host": "h"}
     assert set(data["policies"]) == {"default", "web"} and not data["orphan"]
     assert 100 < child.ttl <= 120 and child.renewable
-    assert vault.read_secret(child.token, "secret/data/web/db")["password"] == "correct-horse-battery-staple"
-    assert vault.read_secret(child.token, "kv1/web/legacy") == {"token": "legacy-kv1-value"}
+    assert vault.fetch(child.token, "secret/data/web/db").data["password"] == "correct-horse-battery-staple"
+    assert vault.fetch(child.token, "kv1/web/legacy").data == {"token": "legacy-kv1-value"}
     vault.revoke_self(child.token)
     assert not bao.token_valid(child.accessor)
     vault.revoke_self(child.token)  # already revoked: not an error
@@ -66,17 +66,17 @@ def test_errors_name_the_operation_and_never_the_token(bao, vault, plugin_token)
     assert plugin_token not in str(denied.value)
     child = vault.mint_child(plugin_token, "web", 60, {}, "x")
     with pytest.raises(VaultError, match="denied permission to read secret/data/other/x"):
-        vault.read_secret(child.token, "secret/data/other/x")
+        vault.fetch(child.token, "secret/data/other/x").data
     bao.root.secrets.kv.v2.create_or_update_secret(path="web/gone", secret={"a": "b"})
     bao.root.secrets.kv.v2.delete_latest_version_of_secret(path="web/gone")
     with pytest.raises(VaultError, match="secret/data/web/gone"):
-        vault.read_secret(child.token, "secret/data/web/gone")
+        vault.fetch(child.token, "secret/data/web/gone").data
     vault.revoke_self(child.token)
 
 
 def test_plugin_token_cannot_read_secrets_itself(vault, plugin_token):
     with pytest.raises(VaultError, match="denied permission"):
-        vault.read_secret(plugin_token, "secret/data/web/db")
+        vault.fetch(plugin_token, "secret/data/web/db").data
 
 
 def test_environment_tokens_are_never_picked_up(bao, vault, monkeypatch, tmp_path):
@@ -84,7 +84,7 @@ def test_environment_tokens_are_never_picked_up(bao, vault, monkeypatch, tmp_pat
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / ".vault-token").write_text(bao.server.root_token)
     with pytest.raises(VaultError):
-        vault.read_secret("", "secret/data/web/db")
+        vault.fetch("", "secret/data/web/db").data
 
 
 def test_unreachable_vault_fails_fast_with_a_clear_message():
