@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 from pathlib import Path
@@ -41,10 +42,18 @@ def main() -> None:
 @click.option("--mount-root", type=click.Path(path_type=Path), envvar="VAULT_SECRETS_MOUNT_ROOT",
               help="Where per-mount tmpfs are made.  [default: <state-dir>/mounts]")
 @click.option("--vault-addr", envvar="VAULT_ADDR", required=True, help="Vault or OpenBao address, e.g. https://vault:8200.")
-@click.option("--vault-cacert", envvar="VAULT_CACERT", help="CA bundle that signed Vault's certificate.")
+@click.option("--vault-cacert", envvar="VAULT_CACERT", type=click.Path(exists=True, readable=True),
+              help="CA bundle (file or directory) that signed Vault's certificate.  [default: the system's CAs]")
+@click.option("--vault-client-cert", envvar="VAULT_CLIENT_CERT", type=click.Path(exists=True, dir_okay=False, readable=True),
+              help="Client certificate (PEM) for a Vault listener that requires one (mutual TLS).")
+@click.option("--vault-client-key", envvar="VAULT_CLIENT_KEY", type=click.Path(exists=True, dir_okay=False, readable=True),
+              help="Private key (PEM) of --vault-client-cert.")
 @click.option("--vault-namespace", envvar="VAULT_NAMESPACE", help="Vault Enterprise / OpenBao namespace.")
 @click.option("--vault-timeout", type=click.FloatRange(0.5, 60), envvar="VAULT_SECRETS_VAULT_TIMEOUT", default=5.0,
-              show_default=True, help="Seconds before a Vault request is abandoned.")
+              show_default=True, help="Seconds before one Vault request is abandoned (and retried, within --mount-timeout).")
+@click.option("--mount-timeout", type=click.FloatRange(1, 110), envvar="VAULT_SECRETS_MOUNT_TIMEOUT", default=20.0,
+              show_default=True, help="Seconds a Mount may wait for the plugin identity and for Vault to recover from "
+                                      "transient errors (keep it under dockerd's deadline: 30 s for a managed plugin).")
 @click.option("--approle-mount", envvar="VAULT_SECRETS_APPROLE_MOUNT", default="approle", show_default=True,
               help="Mount path of the AppRole auth method.")
 @click.option("--role-id", envvar="VAULT_SECRETS_ROLE_ID", help="AppRole RoleID of the plugin.")
@@ -65,10 +74,11 @@ def main() -> None:
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-format", envvar="VAULT_SECRETS_LOG_FORMAT", default="json", show_default=True,
               type=click.Choice(["json", "text"]), help="One JSON object a line, or text for humans.")
-def serve(socket_path, state_dir, mount_root, vault_addr, vault_cacert, vault_namespace, vault_timeout,
-          approle_mount, role_id, role_id_file, wrapped_secret_id_file, wrap_allowed_paths, control_socket,
-          docker_socket, metrics_addr, log_level, log_format) -> None:
+def serve(socket_path, state_dir, mount_root, vault_addr, vault_cacert, vault_client_cert, vault_client_key,
+          vault_namespace, vault_timeout, mount_timeout, approle_mount, role_id, role_id_file, wrapped_secret_id_file,
+          wrap_allowed_paths, control_socket, docker_socket, metrics_addr, log_level, log_format) -> None:
     """Serve the volume plugin protocol on a Unix socket."""
+    _check_tls(vault_addr, vault_cacert, vault_client_cert, vault_client_key)
     if role_id_file is not None:
         if role_id:
             raise click.UsageError("give --role-id or --role-id-file, not both")
@@ -89,8 +99,11 @@ def serve(socket_path, state_dir, mount_root, vault_addr, vault_cacert, vault_na
         mount_root=mount_root or state_dir / "mounts",
         vault_addr=vault_addr,
         vault_cacert=vault_cacert,
+        vault_client_cert=vault_client_cert,
+        vault_client_key=vault_client_key,
         vault_namespace=vault_namespace,
         vault_timeout=vault_timeout,
+        mount_timeout=mount_timeout,
         approle_mount=approle_mount,
         role_id=role_id,
         wrapped_secret_id_file=wrapped_secret_id_file,
@@ -214,6 +227,17 @@ def _age(seconds: int) -> str:
         if seconds >= size:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
+
+
+def _check_tls(vault_addr: str, cacert: str | None, client_cert: str | None, client_key: str | None) -> None:
+    """Refuse TLS settings that would be ignored or half-applied, rather than run with less than was asked."""
+    if os.environ.get("VAULT_SKIP_VERIFY", "").strip().lower() not in ("", "0", "false"):
+        raise click.UsageError("VAULT_SKIP_VERIFY is set, but vault-secrets never turns off TLS verification: unset it "
+                               "and give the CA that signed Vault's certificate with --vault-cacert (VAULT_CACERT)")
+    if bool(client_cert) != bool(client_key):
+        raise click.UsageError("give --vault-client-cert and --vault-client-key together (VAULT_CLIENT_CERT, VAULT_CLIENT_KEY)")
+    if (cacert or client_cert) and not vault_addr.lower().startswith("https://"):
+        raise click.UsageError(f"--vault-cacert and --vault-client-cert need an https:// --vault-addr, not {vault_addr}")
 
 
 def _allowed_paths(raw: str) -> tuple[str, ...]:

@@ -4,6 +4,10 @@ Create/Remove/Get/List/Path answer from the store only (dockerd drops a volume w
 must never depend on Vault). Mount mints a child token for the mount, reads every secret with it, and
 only then makes the tmpfs; any failure undoes all of it. Unmount of the last reference revokes the
 child token (and with it every lease it created) and removes the tmpfs.
+
+A Mount (and the Create of a `wrapped-token=` volume) runs within one budget (`mount_timeout`): it
+waits for the plugin identity and Vault retries transient errors inside it, so a leader election costs
+latency, not a failed container start.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import re
 import threading
 import time
@@ -18,6 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from plugin import retry
 from plugin.credentials import unwrap_volume_credential
 from plugin.errors import (
     InvalidOptionError,
@@ -33,7 +39,7 @@ from plugin.revocation import Revoker, TokenSource
 from plugin.spec import TOKEN_FILE_WRAP_TTL, Source, Spec, parse_spec
 from plugin.store import MountRecord, Store, VolumeRecord
 from plugin.upkeep import MountUpkeep, Notify, fetch_all
-from plugin.vault import Fetched, Vault
+from plugin.vault import Fetched, IssuedToken, Vault
 from plugin.settings import DEFAULT_ALLOWED_PATHS
 
 log = logging.getLogger(__name__)
@@ -42,13 +48,20 @@ audit = logging.getLogger("plugin.audit")
 # Docker's own volume name rule; also keeps the name a safe single path component.
 _VOLUME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _MOUNT_ID = re.compile(r"[A-Za-z0-9]{1,128}")
+# A mount's token is first minted to live this much past the Mount's budget, then extended to the volume's
+# ttl once it is recorded: a create whose answer was lost (timeout) leaves a token nobody holds, and
+# this bounds how long it lives.
+PROVISIONAL_MARGIN = 10
+# Unmount waits less for Vault than Mount: a revocation it cannot make now is owed and retried.
+UNMOUNT_TIMEOUT = 10.0
 
 
 class Driver:
     """Implements the volume verbs over the store, Vault, the plugin identity and the tmpfs mounter."""
 
     def __init__(self, store: Store, vault: Vault, identity: TokenSource, mounter: TmpfsMounter, scheduler: Scheduler,
-                 *, hostname: str, wrap_allowed_paths: Sequence[str] = DEFAULT_ALLOWED_PATHS, notify: Notify | None = None):
+                 *, hostname: str, wrap_allowed_paths: Sequence[str] = DEFAULT_ALLOWED_PATHS, notify: Notify | None = None,
+                 mount_timeout: float = 20.0):
         self._store, self._vault, self._identity, self._mounter = store, vault, identity, mounter
         self._scheduler = scheduler
         self._notify = notify
@@ -56,6 +69,7 @@ class Driver:
         self._revoker = Revoker(vault, store, identity, scheduler)
         self._wrap_allowed_paths = tuple(wrap_allowed_paths)
         self._hostname = hostname
+        self._mount_timeout = mount_timeout
         self._locks: dict[object, list] = {}
         self._locks_guard = threading.Lock()
 
@@ -81,7 +95,8 @@ class Driver:
                 return
             credential = None
             if spec.wrapped_token is not None:
-                credential, ttl = unwrap_volume_credential(self._vault, name, spec, self._wrap_allowed_paths)
+                with retry.budget(self._mount_timeout):
+                    credential, ttl = unwrap_volume_credential(self._vault, name, spec, self._wrap_allowed_paths)
             try:
                 self._store.add_volume(name, stored, credential)
             except BaseException:
@@ -150,7 +165,8 @@ class Driver:
                 self._teardown(record)
             started = time.monotonic()
             try:
-                view = self._mount_new(name, mount_id)
+                with retry.budget(self._mount_timeout):
+                    view = self._mount_new(name, mount_id)
             except BaseException:
                 MOUNT_FAILURES.inc()
                 raise
@@ -168,15 +184,16 @@ class Driver:
         parent = credential.token if credential else self._identity.token()
         meta = {"volume": name, "mount_id": mount_id, "host": self._hostname}
         view = self._mounter.view_path(name, mount_id)
+        child: IssuedToken | None = None
         if credential is not None and not credential.can_mint:
             record = MountRecord(name, mount_id, 0, str(view), credential.token, credential.accessor, time.time(), owns_token=False)
         else:
-            child = self._vault.mint_child(parent, spec.role, spec.ttl, meta, display_name=f"vault-secrets-{name}"[:100])
-            audit.info("token.mint %s %s", name, mount_id, extra={"event": "token.mint", "volume": name, "mount_id": mount_id, "accessor": child.accessor})
+            child = self._mint(parent, spec, meta)
             record = MountRecord(name, mount_id, 0, str(view), child.token, child.accessor, time.time())
         # Recorded (refcount 0) before anything else can fail, so a crash leaves a trace to undo.
         self._store.add_mount(record)
         try:
+            token_ttl = self._extend(child, spec.ttl) if child is not None else spec.ttl
             fetched = fetch_all(self._vault, record.token, spec.sources)
             for source, secret in fetched.items():
                 if secret.lease_id:
@@ -189,9 +206,30 @@ class Driver:
         except BaseException:
             self._teardown(record)
             raise
-        self._start_upkeep(record, spec, fetched)
+        self._start_upkeep(record, spec, fetched, token_ttl)
         audit.info("mount %s %s", name, mount_id, extra={"event": "mount", "volume": name, "mount_id": mount_id, "accessor": record.accessor})
         return view
+
+    def _mint(self, parent: str, spec: Spec, meta: dict[str, str]) -> IssuedToken:
+        """The mount's token, minted to live a little past the Mount's budget (see PROVISIONAL_MARGIN)."""
+        display_name = f"vault-secrets-{meta['volume']}"[:100]
+        provisional = min(spec.ttl, math.ceil(self._mount_timeout) + PROVISIONAL_MARGIN)
+        child = self._vault.mint_child(parent, spec.role, provisional, meta, display_name=display_name)
+        if child.ttl < spec.ttl and not child.renewable:
+            # The role's tokens cannot be renewed, so a short one could not be extended: mint at the full
+            # ttl instead (for such roles a lost answer leaves a token for the volume's ttl).
+            self._revoker.revoke(child.accessor, child.token, volume=meta["volume"], mount_id=meta["mount_id"])
+            child = self._vault.mint_child(parent, spec.role, spec.ttl, meta, display_name=display_name)
+        audit.info("token.mint %s %s", meta["volume"], meta["mount_id"], extra={
+            "event": "token.mint", "volume": meta["volume"], "mount_id": meta["mount_id"], "accessor": child.accessor})
+        return child
+
+    def _extend(self, child: IssuedToken, ttl: int) -> int:
+        """Extend a provisional token (now recorded, so revoked if the Mount fails) to the volume's `ttl`.
+        Returns the TTL Vault granted, which renewals follow: a role's period or max TTL may cut it."""
+        if child.ttl >= ttl or not child.renewable:
+            return child.ttl
+        return self._vault.renew_self(child.token, increment=ttl).ttl
 
     def _container_token(self, record: MountRecord, parent: str, spec: Spec, meta: dict[str, str]) -> tuple[MountRecord, bytes]:
         """Mint a token for the container itself, wrapped: the plugin only ever holds the wrapping token.
@@ -223,13 +261,16 @@ class Driver:
             if record.refcount > 1:
                 self._store.set_refcount(name, mount_id, record.refcount - 1)
                 return
-            self._teardown(record)
+            with retry.budget(UNMOUNT_TIMEOUT):
+                self._teardown(record)
         audit.info("unmount %s %s", name, mount_id, extra={"event": "unmount", "volume": name, "mount_id": mount_id})
 
-    def _start_upkeep(self, record: MountRecord, spec: Spec, fetched: dict[Source, Fetched] | None = None) -> None:
-        """Schedule the mount's renewals and refreshes; without `fetched` (after a restart) they start at once."""
+    def _start_upkeep(self, record: MountRecord, spec: Spec, fetched: dict[Source, Fetched] | None = None,
+                      token_ttl: int = 0) -> None:
+        """Schedule the mount's renewals and refreshes; without `fetched` (after a restart) they start at once.
+        `token_ttl`: what Vault granted the mount's token (renewals follow it, not the ttl asked for)."""
         upkeep = MountUpkeep(record, spec, vault=self._vault, store=self._store, mounter=self._mounter,
-                             scheduler=self._scheduler, fetched=fetched, notify=self._notify)
+                             scheduler=self._scheduler, fetched=fetched, notify=self._notify, token_ttl=token_ttl)
         self._upkeeps[(record.volume, record.mount_id)] = upkeep
         upkeep.start(resumed=fetched is None)
 

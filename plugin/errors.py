@@ -23,11 +23,26 @@ class VolumeInUseError(PluginError):
 
 
 class VaultError(PluginError):
-    """Vault answered with an error (permission denied, missing path, bad request)."""
+    """Vault refused for good (permission denied, missing path, bad request): retrying cannot help."""
 
 
-class VaultUnavailableError(VaultError):
-    """Vault could not be reached, timed out, or is sealed."""
+class VaultTransientError(VaultError):
+    """Vault could not answer now: unreachable, timed out, sealed, electing a leader (5xx), rate-limited
+    (429) or behind on replication (412). Worth retrying while the caller can wait."""
+
+
+class TokenInvalidError(VaultError):
+    """Vault says the token itself is not valid (expired, revoked, unknown): renewing it cannot help."""
+
+
+class TLSError(VaultError):
+    """The TLS handshake with Vault failed (untrusted certificate, client certificate refused).
+    Final: retrying with the same configuration cannot help."""
+
+
+class AnswerLostError(VaultTransientError):
+    """A request that may have taken effect (an unwrap) got no answer: the connection broke or timed out
+    after it was sent. Transient for Vault, but whether the request was carried out is unknown."""
 
 
 class SecretFormatError(PluginError):

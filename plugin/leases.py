@@ -17,26 +17,22 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 
-from plugin.errors import PluginError, VaultUnavailableError
+from plugin.errors import PluginError, VaultTransientError
 from plugin.metrics import RENEWAL_FAILURES, RENEWALS
+from plugin.retry import backoff
 from plugin.vault import Vault
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("plugin.audit")
 
 RENEW_AT = (0.6, 0.7)  # fraction of the TTL after which to renew
-RETRY_MIN, RETRY_MAX = 1.0, 30.0
+RETRY_FIRST, RETRY_CAP = 1.0, 30.0
 IDLE_WAKEUP = 3600.0
 
 
 def renewal_delay(ttl: float) -> float:
     """Seconds until a renewal is due for something that lives `ttl` seconds from now."""
     return max(ttl, 0) * random.uniform(*RENEW_AT)
-
-
-def retry_delay(remaining: float, attempt: int) -> float:
-    """Backoff after a failed attempt: doubling from 1 s, at most 30 s, and a few tries before expiry."""
-    return max(min(RETRY_MIN * 2**attempt, RETRY_MAX, remaining / 3), RETRY_MIN)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +110,7 @@ class Scheduler:
     def _run(self, key: Hashable, entry: _Entry) -> None:
         try:
             again = entry.task()
-        except VaultUnavailableError as e:
+        except VaultTransientError as e:
             self._retry(key, entry, e)
             return
         except PluginError as e:
@@ -153,7 +149,7 @@ class Scheduler:
         with self._changed:
             if self._entries.get(key) is not entry:
                 return
-            delay = retry_delay(remaining, entry.failures)
+            delay = backoff(entry.failures, first=RETRY_FIRST, cap=RETRY_CAP, remaining=remaining)
             entry.failures += 1
             self._push(key, entry, now + delay)
         log.warning("%s failed, retrying in %.0fs: %s", _describe(key), delay, error)

@@ -18,6 +18,8 @@ MOUNT_FAILURES = Counter("vault_secrets_mount_failures_total", "Mounts refused (
 VAULT_SECONDS = Histogram("vault_secrets_vault_request_duration_seconds", "Vault request latency.", ["operation"],
                           buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 VAULT_ERRORS = Counter("vault_secrets_vault_request_errors_total", "Vault requests that failed.", ["operation", "kind"])
+VAULT_RETRIES = Counter("vault_secrets_vault_request_retries_total",
+                        "Vault requests sent again after a transient error, within the caller's budget.", ["operation"])
 RENEWALS = Counter("vault_secrets_renewals_total", "Successful renewals.", ["kind"])
 RENEWAL_FAILURES = Counter("vault_secrets_renewal_failures_total", "Failed renewal attempts (retried while alive).", ["kind"])
 IDENTITY_SECONDS_LEFT = Gauge("vault_secrets_identity_expiry_seconds",

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Iterable
 from typing import Protocol
 
-from plugin.errors import PluginError, VaultUnavailableError
+from plugin.errors import PluginError, VaultTransientError
 from plugin.leases import Again, Scheduler, Task
 from plugin.store import Store
 from plugin.vault import Vault
@@ -86,7 +86,7 @@ class Revoker:
                     self._vault.revoke_accessor(token or self._identity.token(), accessor)
                 else:
                     self._vault.revoke_self(token)
-            except VaultUnavailableError:
+            except VaultTransientError:
                 return len(pending)
             except PluginError as e:
                 log.warning("revocation of token %s still failing: %s", accessor, e)

@@ -14,8 +14,11 @@ DEFAULT_ALLOWED_PATHS = ("auth/token/create*", "auth/*/role/*/secret-id")
 class Settings:
     """Everything `serve` needs, already resolved from flags and environment.
 
-    `vault_cacert` is a CA bundle path or None (system trust store). `role_id` is the AppRole RoleID,
-    which is an identifier, not a secret. `wrapped_secret_id_file` holds a single-use wrapping token.
+    `vault_cacert` is a CA bundle path or None (system trust store); `vault_client_cert`/`_key` are for
+    mutual TLS. `role_id` is the AppRole RoleID, which is an identifier, not a secret.
+    `wrapped_secret_id_file` holds a single-use wrapping token. `mount_timeout` bounds a Mount (and the
+    Create of a `wrapped-token=` volume), waiting for the identity and retries of transient Vault errors
+    included: keep it well under dockerd's deadline (a managed plugin's calls are cut at 30 s).
     """
 
     socket: Path
@@ -23,8 +26,11 @@ class Settings:
     mount_root: Path
     vault_addr: str
     vault_cacert: str | None = None
+    vault_client_cert: str | None = None
+    vault_client_key: str | None = None
     vault_namespace: str | None = None
     vault_timeout: float = 5.0
+    mount_timeout: float = 20.0
     approle_mount: str = "approle"
     role_id: str | None = None
     wrapped_secret_id_file: Path | None = None

@@ -1,4 +1,5 @@
-"""Persistent state: volumes, active mounts, the plugin identity, consumed wrapping tokens. SQLite.
+"""Persistent state: volumes, active mounts, the plugin identity (and a SecretID awaiting its login),
+consumed wrapping tokens. SQLite.
 
 The only module that touches the database. Tokens go in and come out in clear, but are written
 sealed (`Sealer`), each bound to the row it belongs to. One connection shared by the worker's threads,
@@ -19,7 +20,7 @@ from pathlib import Path
 from plugin.errors import StateError
 from plugin.seal import Sealer
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE volumes (
     name TEXT PRIMARY KEY,
@@ -70,9 +71,19 @@ CREATE TABLE pending_revocations (
     since REAL NOT NULL
 );
 """
+# An AppRole SecretID unwrapped but not yet exchanged for a token: the wrapping token is spent, so losing
+# this (a failed login, a crash) would need an operator to deliver a new one.
+_PENDING_SECRET_ID = """
+CREATE TABLE pending_secret_id (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    secret_id BLOB NOT NULL,
+    source TEXT NOT NULL,
+    since REAL NOT NULL
+);
+"""
 # MIGRATIONS[v] takes a database at schema version v to v + 1 (version 0 is a new, empty file). A schema
 # change appends its step here and raises SCHEMA_VERSION: existing state is carried forward, never recreated.
-MIGRATIONS: tuple[str, ...] = (_SCHEMA,)
+MIGRATIONS: tuple[str, ...] = (_SCHEMA, _PENDING_SECRET_ID)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,6 +331,31 @@ class Store:
     def forget_identity(self) -> None:
         with self._transaction():
             self._db.execute("DELETE FROM identity")
+
+    def save_pending_secret_id(self, secret_id: str, source: str) -> None:
+        """Keep (sealed) a SecretID unwrapped from `source` until a login with it succeeds."""
+        sealed = self._sealer.seal(secret_id, "pending-secret-id")
+        with self._transaction():
+            self._db.execute("INSERT OR REPLACE INTO pending_secret_id (id, secret_id, source, since) VALUES (1, ?, ?, ?)",
+                             (sealed, source, time.time()))
+
+    def pending_secret_id(self) -> tuple[str, str] | None:
+        """(SecretID, where it was unwrapped from), if one awaits its login."""
+        with self._lock:
+            row = self._db.execute("SELECT secret_id, source FROM pending_secret_id WHERE id = 1").fetchone()
+        return (self._sealer.unseal(row[0], "pending-secret-id"), row[1]) if row else None
+
+    def forget_pending_secret_id(self) -> None:
+        with self._transaction():
+            self._db.execute("DELETE FROM pending_secret_id")
+
+    def save_identity_from_secret_id(self, record: IdentityRecord) -> None:
+        """The login with the pending SecretID succeeded: keep its token and drop the SecretID, in one step."""
+        sealed = self._sealer.seal(record.token, "identity")
+        with self._transaction():
+            self._db.execute("INSERT OR REPLACE INTO identity (id, token, accessor, obtained_at) VALUES (1, ?, ?, ?)",
+                             (sealed, record.accessor, record.obtained_at))
+            self._db.execute("DELETE FROM pending_secret_id")
 
     def mark_wrapping_token_consumed(self, digest: str) -> None:
         """Remember (by SHA-256 digest) a wrapping token this plugin used, so its reuse is recognised."""

@@ -38,8 +38,10 @@ class MountUpkeep:
     """The scheduled work of one mount. `start()` after Mount or at plugin start, `stop()` at teardown."""
 
     def __init__(self, record: MountRecord, spec: Spec, *, vault: Vault, store: Store, mounter: TmpfsMounter,
-                 scheduler: Scheduler, fetched: Mapping[Source, Fetched] | None = None, notify: Notify | None = None):
+                 scheduler: Scheduler, fetched: Mapping[Source, Fetched] | None = None, notify: Notify | None = None,
+                 token_ttl: int = 0):
         self._record, self._spec = record, spec
+        self._token_ttl = token_ttl  # as granted by Vault at Mount (a role's period or max TTL may cut the ttl asked for)
         self._vault, self._store, self._mounter, self._scheduler = vault, store, mounter, scheduler
         self._notify = notify
         # In memory only (secrets never touch disk); empty after a plugin restart, filled again on demand.
@@ -51,7 +53,7 @@ class MountUpkeep:
 
     def start(self, resumed: bool = False) -> None:
         """Schedule the mount's renewals; `resumed` (after a restart) renews at once, as lifetimes are unknown."""
-        token_ttl = 0 if resumed else self._spec.ttl
+        token_ttl = 0 if resumed else self._token_ttl
         if self._record.owns_token:
             self._schedule((*self._key, "token"), token_renewal(self._vault, self._record.token),
                            renewal_delay(token_ttl), token_ttl or None)

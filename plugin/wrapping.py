@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from plugin.errors import InvalidOptionError, VaultError, VaultUnavailableError, WrappingTokenError
+from plugin.errors import InvalidOptionError, VaultError, VaultTransientError, WrappingTokenError
 from plugin.vault import Vault
 
 audit = logging.getLogger("plugin.audit")
@@ -49,7 +49,7 @@ def unwrap_checked(
     `allowed_paths` are glob patterns (`*` matches any characters) for the creation path. `before_unwrap`
     gets the creation path between the checks and the unwrap: it may refuse (raise) before the token is
     spent, or record the consumption durably first.
-    Raises `WrappingTokenError` (after logging `wrap.tamper`), `PlainTokenError`, or `VaultUnavailableError`.
+    Raises `WrappingTokenError` (after logging `wrap.tamper`), `PlainTokenError`, or `VaultTransientError`.
     """
     try:
         info = vault.lookup_wrapping(wrapping_token)
@@ -78,7 +78,7 @@ def unwrap_checked(
 def _is_plain_token(vault: Vault, token: str) -> bool:
     try:
         vault.lookup_self(token)
-    except VaultUnavailableError:
+    except VaultTransientError:
         raise
     except VaultError:
         return False

@@ -165,6 +165,7 @@ def clock():
 @pytest.fixture
 def scheduler(clock, monkeypatch):
     monkeypatch.setattr("plugin.leases.random.uniform", lambda low, high: low)  # no jitter: exact deadlines
+    monkeypatch.setattr("plugin.retry.random.random", lambda: 0.5)  # backoff without jitter
     return Scheduler(clock=clock)
 
 

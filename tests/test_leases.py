@@ -6,8 +6,9 @@ import threading
 
 import pytest
 
-from plugin.errors import VaultError, VaultUnavailableError
-from plugin.leases import Again, Scheduler, renewal_delay, retry_delay
+from plugin.errors import VaultError, VaultTransientError
+from plugin.leases import Again, Scheduler, renewal_delay
+from plugin.retry import backoff
 from tests.support.fakes import FakeClock
 
 
@@ -26,8 +27,9 @@ def test_renewal_is_due_at_two_thirds_of_the_ttl_with_jitter(ttl, jitter, expect
     "remaining, attempt, expected",
     [(3000, 0, 1), (3000, 1, 2), (3000, 3, 8), (3000, 10, 30), (30, 5, 10), (2, 0, 1)],
 )
-def test_retry_backoff_doubles_caps_and_leaves_tries_before_expiry(remaining, attempt, expected):
-    assert retry_delay(remaining, attempt) == expected
+def test_retry_backoff_doubles_caps_and_leaves_tries_before_expiry(remaining, attempt, expected, monkeypatch):
+    monkeypatch.setattr("plugin.retry.random.random", lambda: 0.5)
+    assert backoff(attempt, first=1, cap=30, remaining=remaining) == expected
 
 
 class Lived:
@@ -39,7 +41,7 @@ class Lived:
     def renew(self):
         self.calls += 1
         if self.down:
-            raise VaultUnavailableError("unreachable")
+            raise VaultTransientError("unreachable")
         if self.gone:
             raise VaultError("permission denied")
         return Again(renewal_delay(self.ttl), self.ttl)
@@ -53,6 +55,7 @@ def clock():
 @pytest.fixture(autouse=True)
 def no_jitter(monkeypatch):
     monkeypatch.setattr("plugin.leases.random.uniform", lambda low, high: low)
+    monkeypatch.setattr("plugin.retry.random.random", lambda: 0.5)
 
 
 def test_tasks_run_in_deadline_order_and_are_rescheduled(clock):

@@ -29,7 +29,6 @@ from tests.conftest import SECRET, require, require_root
 from tests.support.faults import (
     PLUGINS_DIR,
     PluginLauncher,
-    ResponseHoldingProxy,
     VaultView,
     crash_and_restart_dockerd,
     frozen,
@@ -39,11 +38,13 @@ from tests.support.faults import (
     state_query,
     wait_for,
 )
+from tests.support.faultproxy import FaultProxy
 from tests.support.plugin import PluginClient
 
 pytestmark = [pytest.mark.openbao]
 
 API_KEY = "demo-api-key-0001"
+PROVISIONAL_TTL = 30  # seconds a mount's token is first minted for: the default --mount-timeout (20) + 10
 
 
 # -- fixtures -----------------------------------------------------------------------------------
@@ -249,8 +250,9 @@ TTL = 75
 @pytest.mark.heavy
 def test_openbao_outage_of_a_minute(docker, own_bao, databases, launch):
     """OpenBao frozen (SIGSTOP) for a minute under mounted containers: their files stay readable; renewals
-    fail, retry and recover; a Mount during the outage fails within --vault-timeout (default 5 s) saying
-    Vault is unreachable and leaves no tmpfs or record; an Unmount during it is owed and retried after."""
+    fail, retry and recover; a Mount during the outage retries for --mount-timeout (default 20 s), then
+    fails saying Vault is unreachable and leaves no tmpfs or record; an Unmount during it is owed and
+    retried after."""
     configure_database_engine(own_bao.root, databases.pg.host, databases.pg.port, databases.pg.superuser,
                               databases.pg.password, mount="db", role="app", default_ttl=f"{TTL}s", max_ttl="1h")
     launcher = launch(own_bao, docker)
@@ -275,8 +277,8 @@ def test_openbao_outage_of_a_minute(docker, own_bao, databases, launch):
         refused = docker.docker("run", "--rm", "--network", "none", "-v", f"{live}:/s:ro", docker.image, "true", check=False)
         mount_seconds = time.monotonic() - started
         assert refused.returncode != 0
-        assert f"Vault at {own_bao.addr} is unreachable" in refused.stderr and "within 5s" in refused.stderr
-        assert mount_seconds < 10, f"a Mount during the outage took {mount_seconds:.1f}s"
+        assert f"Vault at {own_bao.addr} is unreachable" in refused.stderr and "gave up after" in refused.stderr
+        assert 18 < mount_seconds < 25, f"a Mount during the outage took {mount_seconds:.1f}s, not its 20 s budget"
         assert len(mounts_below(launcher.mount_root)) == 2 * 3, "the refused Mount left a tmpfs"
         assert state_query(launcher.state_dir, "SELECT COUNT(*) FROM mounts") == [(3,)]
         # An Unmount during the outage: the tmpfs goes at once, the revocation is owed.
@@ -321,10 +323,11 @@ def test_openbao_outage_of_a_minute(docker, own_bao, databases, launch):
     assert out == SECRET
 
     # A mint Vault received before the client gave up is carried out when Vault resumes: the plugin never
-    # learns its token. Bounded by the volume's TTL; see test_a_mount_that_timed_out_leaves_no_token_in_vault.
+    # learns its token, which was minted provisional (mount budget + 10 s); see
+    # test_a_token_minted_for_a_mount_whose_answer_was_lost_dies_soon.
     known = set(mount_ids.values())
     strays = {a: d for a, d in view.live_tokens(volume=live).items() if d["meta"]["mount_id"] not in known}
-    assert all(d["ttl"] <= TTL for d in strays.values())
+    assert all(d["ttl"] <= PROVISIONAL_TTL for d in strays.values())
 
     parallel(lambda c: docker.docker("rm", "-f", c), holders[:2])
     wait_for(lambda: view.lease_ttl(lease) is None and not databases.pg.role_exists(user), 20, "the lease and its user to go")
@@ -332,7 +335,7 @@ def test_openbao_outage_of_a_minute(docker, own_bao, databases, launch):
     assert mounts_below(launcher.mount_root) == {}
     print(f"\nOpenBao frozen {OUTAGE:.0f}s: refused Mount answered in {mount_seconds:.1f}s, Unmount in {unmount_seconds:.1f}s "
           f"(revocation owed, settled after the outage); {retries} renewal retries, recovered {recovered_seconds:.1f}s after it; "
-          f"{len(strays)} token(s) minted by a timed-out request, TTL <= {TTL}s")
+          f"{len(strays)} token(s) minted by a timed-out request, TTL <= {PROVISIONAL_TTL}s")
 
 
 class Behind:
@@ -342,26 +345,32 @@ class Behind:
         self.addr, self.seed, self.write_wrapped_secret_id = addr, bao.seed, bao.write_wrapped_secret_id
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: a token-create request that reached Vault is carried out even when its answer "
-                   "comes after --vault-timeout; the plugin, which gave up, never learns the token, which lives for the volume's "
-                   "TTL (default 1h). Fix in docs/reliability.md: mint with a short TTL, extend it once the mount is recorded")
-def test_a_token_minted_for_a_mount_that_timed_out_dies_within_a_minute(bao, launch):
-    proxy = ResponseHoldingProxy(int(bao.addr.rsplit(":", 1)[1]))
-    try:
+def test_a_token_minted_for_a_mount_whose_answer_was_lost_dies_soon(bao, launch):
+    """A token create that Vault carries out but whose answer never arrives leaves a token the plugin does
+    not know. The Mount retries and succeeds; the lost token was minted provisional, so it dies within the
+    Mount's budget plus a margin, while the recorded one was extended to the volume's ttl."""
+    with FaultProxy(bao.addr) as proxy:
         launcher = launch(Behind(bao, proxy.addr), extra=["--vault-timeout", "2"])
         launcher.start()
         client = PluginClient(launcher.socket_path)
         client.ok("VolumeDriver.Create", {"Name": "slow", "Opts": {"role": "web", "secret.pw": "secret/data/web/db#password"}})
-        with proxy.holding_answers():
-            status, reply = client.call("VolumeDriver.Mount", {"Name": "slow", "ID": "5109"})
-        assert status == 500 and "is unreachable" in reply["Err"] and "within 2s" in reply["Err"]
-        assert mounts_below(launcher.mount_root) == {}
-        minted = VaultView(bao.root).live_tokens(mount_id="5109")
-        assert len(minted) == 1, "Vault did the work the plugin gave up on"
-        [data] = minted.values()
-        assert data["ttl"] <= 60, f"the token the plugin does not know of lives {data['ttl']}s"
-    finally:
-        proxy.stop()
+        proxy.withhold("/v1/auth/token/create/web", 4, times=1)
+        started = time.monotonic()
+        client.ok("VolumeDriver.Mount", {"Name": "slow", "ID": "5109"})
+        mount_seconds = time.monotonic() - started
+        assert [s.action for s in proxy.seen("/v1/auth/token/create/web")] == ["withheld", "forwarded"]
+        view = VaultView(bao.root)
+        minted = view.live_tokens(mount_id="5109")
+        assert len(minted) == 2, "Vault carried out the create whose answer was withheld"
+        [(recorded,)] = state_query(launcher.state_dir, "SELECT accessor FROM mounts WHERE mount_id = '5109'")
+        [orphan] = [a for a in minted if a != recorded]
+        assert minted[orphan]["ttl"] <= PROVISIONAL_TTL, f"the token nobody holds lives {minted[orphan]['ttl']}s"
+        assert minted[recorded]["ttl"] > 3000, "the recorded token was extended to the volume's ttl (1h)"
+        client.ok("VolumeDriver.Unmount", {"Name": "slow", "ID": "5109"})
+        assert not view.token_valid(recorded)
+        wait_for(lambda: not view.token_valid(orphan), PROVISIONAL_TTL + 5, "the lost token to expire")
+    print(f"\nmint answer withheld: Mount succeeded in {mount_seconds:.1f}s on the retry; the lost token expired "
+          f"within {PROVISIONAL_TTL}s")
 
 
 # -- dockerd crashes and restarts ---------------------------------------------------------------

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from plugin.errors import IdentityUnavailableError, VaultError, VaultUnavailableError, WrappingTokenError
+from plugin.errors import IdentityUnavailableError, VaultError, VaultTransientError, WrappingTokenError
 from plugin.identity import Identity
 from plugin.seal import Sealer
 from plugin.store import Store
@@ -90,7 +90,7 @@ def test_environment_tokens_are_never_picked_up(bao, vault, monkeypatch, tmp_pat
 def test_unreachable_vault_fails_fast_with_a_clear_message():
     dead = Vault("http://127.0.0.1:9", timeout=1)
     started = time.monotonic()
-    with pytest.raises(VaultUnavailableError, match="unreachable"):
+    with pytest.raises(VaultTransientError, match="unreachable"):
         dead.lookup_wrapping("s.whatever")
     assert time.monotonic() - started < 5
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from plugin.errors import IdentityUnavailableError, MountError, VaultError, VaultUnavailableError
+from plugin.errors import IdentityUnavailableError, MountError, TokenInvalidError, VaultError, VaultTransientError
 from plugin.vault import Fetched, IssuedToken
 
 OPTIONS = {"role": "web", "secret.pw": "secret/data/web/db#password", "secret.all": "secret/data/web/db", "uid": "1000"}
@@ -25,6 +25,10 @@ class FakeVault:
         self.minted: list[tuple[str, dict]] = []
         self.reads: list[tuple[str, str]] = []
         self.renewed: list[str] = []  # accessors and lease IDs, in renewal order
+        self.extended: list[str] = []  # accessors of provisional tokens extended at Mount
+        self.asked_ttls: list[int] = []  # the ttl each mint asked for
+        self.token_period: int | None = None  # like a periodic token role: every grant is this TTL
+        self.renewable = True  # whether minted tokens can be renewed (a role's `renewable`)
         self.versions: dict[str, int] = {}  # KV v2 path -> current version
         self.dynamic: dict[str, int] = {}  # path -> lease duration of the credentials it issues
         self.leases: dict[str, str] = {}  # lease ID -> token that created it
@@ -39,7 +43,8 @@ class FakeVault:
         token, accessor = f"child-token-{n}", f"acc-{n}"
         self.live[token] = accessor
         self.minted.append((role, dict(meta)))
-        return IssuedToken(token, accessor, ttl, True)
+        self.asked_ttls.append(ttl)
+        return IssuedToken(token, accessor, self.token_period or ttl, self.renewable)
 
     def fetch(self, token, path, params=()):
         self._check()
@@ -75,12 +80,13 @@ class FakeVault:
     def lease_exists(self, token, lease_id):
         return lease_id in self.leases
 
-    def renew_self(self, token):
+    def renew_self(self, token, increment=None):
+        """A renewal; with `increment`, the extension of a provisional token at Mount (kept apart in `extended`)."""
         self._check()
         if token not in self.live:
-            raise VaultError("Vault refused to renew a token: permission denied")
-        self.renewed.append(self.live[token])
-        return IssuedToken(token, self.live[token], 3600, True)
+            raise TokenInvalidError("Vault says the token is not valid (could not renew a token): permission denied")
+        (self.extended if increment else self.renewed).append(self.live[token])
+        return IssuedToken(token, self.live[token], self.token_period or increment or 3600, True)
 
     def revoke_self(self, token):
         self._check()
@@ -91,7 +97,7 @@ class FakeVault:
 
     def _check(self):
         if self.unavailable:
-            raise VaultUnavailableError("Vault at http://127.0.0.1:1 is unreachable")
+            raise VaultTransientError("Vault at http://127.0.0.1:1 is unreachable")
 
 
 class FakeMounter:

@@ -15,9 +15,7 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -158,56 +156,6 @@ def frozen(pid: int) -> Iterator[float]:
         yield time.monotonic()
     finally:
         os.kill(pid, signal.SIGCONT)
-
-
-class ResponseHoldingProxy:
-    """A loopback TCP relay to a Vault server that can hold back its answers while requests still arrive:
-    the server does the work, the client times out, as over a slow or broken return path. `stop()` ends it."""
-
-    def __init__(self, target_port: int):
-        self._target = ("127.0.0.1", target_port)
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.2)
-        self.port = self._listener.getsockname()[1]
-        self.addr = f"http://127.0.0.1:{self.port}"
-        self._holding, self._stopped = threading.Event(), threading.Event()
-        threading.Thread(target=self._accept, name="proxy", daemon=True).start()
-
-    @contextlib.contextmanager
-    def holding_answers(self) -> Iterator[None]:
-        self._holding.set()
-        try:
-            yield
-        finally:
-            self._holding.clear()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self._listener.close()
-
-    def _accept(self) -> None:
-        while not self._stopped.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except (TimeoutError, OSError):
-                continue
-            upstream = socket.create_connection(self._target)
-            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
-        try:
-            while data := source.recv(65536):
-                while answers and self._holding.is_set() and not self._stopped.is_set():
-                    time.sleep(0.05)
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for end in (source, sink):
-                with contextlib.suppress(OSError):
-                    end.shutdown(socket.SHUT_RDWR)
-                end.close()
 
 
 class VaultView:
