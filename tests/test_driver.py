@@ -202,6 +202,38 @@ def test_mounted_tokens_are_renewed_until_unmount(driver, vault, scheduler, cloc
     assert scheduler.run_due() is None and vault.renewed == ["acc-1"] and len(scheduler) == 0
 
 
+def test_a_mount_token_is_minted_provisional_then_extended_once_recorded(driver, vault, scheduler):
+    driver.create("norefresh", {**OPTIONS, "refresh": "0"})
+    driver.mount("norefresh", "a1")
+    assert vault.asked_ttls == [30], "the Mount's 20 s budget + 10 s: a lost answer leaves a short-lived token"
+    assert vault.extended == ["acc-1"] and vault.renewed == []
+    assert scheduler.run_due() == pytest.approx(3600 * 0.6), "renewed on the extended TTL"
+
+
+def test_a_short_ttl_is_minted_as_it_is(driver, vault):
+    driver.create("short", {**OPTIONS, "ttl": "15s"})
+    driver.mount("short", "a1")
+    assert vault.asked_ttls == [15] and vault.extended == []
+
+
+def test_renewals_follow_the_ttl_vault_granted_not_the_one_asked(driver, vault, scheduler, clock):
+    vault.token_period = 8  # a periodic token role: every grant is its period, whatever is asked
+    driver.create("norefresh", {**OPTIONS, "refresh": "0"})
+    driver.mount("norefresh", "a1")
+    for _ in range(5):
+        assert scheduler.run_due() == pytest.approx(8 * 0.6)
+        clock.advance(8 * 0.6)
+    scheduler.run_due()
+    assert vault.renewed == ["acc-1"] * 5 and "child-token-1" in vault.live
+
+
+def test_a_role_whose_tokens_cannot_be_renewed_gets_its_token_minted_at_full_ttl(driver, vault):
+    vault.renewable = False
+    driver.mount("web", "a1")
+    assert vault.asked_ttls == [30, 3600] and vault.extended == []
+    assert list(vault.live) == ["child-token-2"], "the provisional token was revoked"
+
+
 DB = {"role": "web", "secret.user": "database/creds/app#username", "secret.pass": "database/creds/app#password",
       "template.dsn": 'postgresql://{{ secret("database/creds/app").username }}@db', "refresh": "0", "rotate-grace": "30s"}
 

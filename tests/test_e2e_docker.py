@@ -4,6 +4,7 @@ OpenBao holds the secrets, and containers run as a non-root user."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -105,3 +106,22 @@ def test_token_file_reaches_the_container_and_no_token_is_left_in_state(docker, 
     state_bytes = b"".join(p.read_bytes() for p in plugin.state_dir.rglob("*") if p.is_file())
     for token in (identity, wrapping, inner["client_token"]):
         assert token.encode() not in state_bytes
+
+
+def test_a_restart_always_container_is_running_again_with_its_secrets_after_dockerd_restarts(docker, plugin, bao, unique_name):
+    """dockerd restores `--restart always` containers right after it finds their plugins, and gives up on a
+    container whose Mount fails then: the Mount must succeed the first time."""
+    create_volume(docker, plugin, unique_name)
+    container = docker.docker("run", "-d", "--restart", "always", "--network", "none", "--user", "1000",
+                              "-v", f"{unique_name}:/run/secrets:ro", docker.image, "sleep", "600").stdout.strip()
+    try:
+        assert docker.docker("exec", container, "cat", "/run/secrets/db_password").stdout == SECRET
+        docker.restart()
+        deadline = time.monotonic() + 60
+        while docker.docker("inspect", "-f", "{{.State.Running}}", container).stdout.strip() != "true":
+            assert time.monotonic() < deadline, f"the container was not restarted: {docker.log_tail()}"
+            time.sleep(0.5)
+        assert docker.docker("exec", container, "cat", "/run/secrets/db_password").stdout == SECRET
+    finally:
+        docker.docker("rm", "-f", container, check=False)
+    assert bao.accessors_with_meta(volume=unique_name) == []

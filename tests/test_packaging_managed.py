@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import hvac
@@ -125,6 +126,15 @@ def test_managed_plugin_from_build_to_removal(docker, bao, base_image, managed, 
     assert {p.name for p in state.iterdir()} >= {"state.db", "seal.key"}
     assert (state.stat().st_mode & 0o777) == 0o700
 
+    # dockerd restarted (SIGTERM, start) with a --restart always container: dockerd starts the plugin and
+    # mounts the moment its socket answers, while it is still resuming its identity, and never retries.
+    container = docker.docker("run", "-d", "--restart", "always", "--network", "none", "--user", "1000",
+                              "-v", f"{volume}:/run/secrets:ro", docker.image, "sleep", "600").stdout.strip()
+    docker.restart()
+    _wait_running(docker, container)
+    assert docker.docker("exec", container, "cat", "/run/secrets/db_password").stdout == SECRET
+    docker.docker("rm", "-f", container)
+
     # An upgrade replaces the rootfs and keeps the mounts' sources: remove the plugin, create it again
     # from the bundle, and the same host state directory carries the volume and the identity over.
     old_id = managed.plugin_id
@@ -151,3 +161,10 @@ def _wrapping_token_usable(bao, token: str) -> bool:
         return True
     except hvac.exceptions.VaultError:  # InvalidRequest: used, expired or unknown
         return False
+
+
+def _wait_running(docker, container: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while docker.docker("inspect", "-f", "{{.State.Running}}", container).stdout.strip() != "true":
+        assert time.monotonic() < deadline, f"dockerd did not restart the container: {docker.log_tail()}"
+        time.sleep(0.5)

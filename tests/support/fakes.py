@@ -88,6 +88,12 @@ class FakeVault:
         (self.extended if increment else self.renewed).append(self.live[token])
         return IssuedToken(token, self.live[token], self.token_period or increment or 3600, True)
 
+    def lookup_self(self, token):
+        self._check()
+        if token not in self.live:
+            raise TokenInvalidError("Vault says the token is not valid (could not look up the plugin token): permission denied")
+        return IssuedToken(token, self.live[token], 3600, True)
+
     def revoke_self(self, token):
         self._check()
         self.live.pop(token, None)
