@@ -13,6 +13,7 @@ latency, not a failed container start.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import math
@@ -38,7 +39,7 @@ from plugin.render import render_files
 from plugin.revocation import Revoker, TokenSource
 from plugin.spec import TOKEN_FILE_WRAP_TTL, Source, Spec, parse_spec
 from plugin.store import MountRecord, Store, VolumeRecord
-from plugin.upkeep import MountUpkeep, Notify, fetch_all
+from plugin.upkeep import MountUpkeep, Notify
 from plugin.vault import Fetched, IssuedToken, Vault
 from plugin.settings import DEFAULT_ALLOWED_PATHS
 
@@ -193,8 +194,7 @@ class Driver:
         # Recorded (refcount 0) before anything else can fail, so a crash leaves a trace to undo.
         self._store.add_mount(record)
         try:
-            token_ttl = self._extend(child, spec.ttl) if child is not None else spec.ttl
-            fetched = fetch_all(self._vault, record.token, spec.sources)
+            token_ttl, fetched = self._extend_and_fetch(child, record.token, spec)
             for source, secret in fetched.items():
                 if secret.lease_id:
                     self._store.set_lease(name, mount_id, str(source), secret.lease_id)
@@ -223,6 +223,16 @@ class Driver:
         audit.info("token.mint %s %s", meta["volume"], meta["mount_id"], extra={
             "event": "token.mint", "volume": meta["volume"], "mount_id": meta["mount_id"], "accessor": child.accessor})
         return child
+
+    def _extend_and_fetch(self, child: IssuedToken | None, token: str, spec: Spec) -> tuple[int, dict[Source, Fetched]]:
+        """Read every source with `token` while extending it (when it is the mount's own, `child`): the
+        extension costs no round trip of its own. Returns the token's TTL and the secrets."""
+        calls: list[Callable[[], object]] = [functools.partial(self._vault.fetch, token, s.path, s.params) for s in spec.sources]
+        if child is not None:
+            calls.append(functools.partial(self._extend, child, spec.ttl))
+        results = self._vault.concurrently(calls)
+        token_ttl = results.pop() if child is not None else spec.ttl
+        return token_ttl, dict(zip(spec.sources, results))  # type: ignore[arg-type]
 
     def _extend(self, child: IssuedToken, ttl: int) -> int:
         """Extend a provisional token (now recorded, so revoked if the Mount fails) to the volume's `ttl`.

@@ -107,9 +107,10 @@ class Identity:
         """Log in with the SecretID unwrapped earlier, if one awaits its login. It is kept until Vault
         answers: dropped when Vault refuses it, kept (for the next attempt) when Vault cannot answer."""
         pending = self._store.pending_secret_id()
-        if pending is None:
-            return None
-        secret_id, source = pending
+        return self._login(*pending) if pending else None
+
+    def _login(self, secret_id: str, source: str) -> IssuedToken:
+        """Log in with the SecretID kept in the store (unwrapped from `source`); the token replaces it there."""
         try:
             issued = self._vault.approle_login(self._approle_mount, self._require_role_id(), secret_id)
         except VaultTransientError:
@@ -124,10 +125,8 @@ class Identity:
         return issued
 
     def _bootstrap_from_wrapped_secret_id(self) -> IssuedToken:
-        self._unwrap_secret_id(self._read_wrapping_token(), source=f"--wrapped-secret-id-file {self._wrapped_file}")
-        issued = self._login_pending()
-        assert issued is not None  # just saved
-        return issued
+        source = f"--wrapped-secret-id-file {self._wrapped_file}"
+        return self._login(self._unwrap_secret_id(self._read_wrapping_token(), source=source), source)
 
     def bootstrap(self, wrapping_token: str) -> IssuedToken:
         """Replace the identity with one from a newly delivered wrapped SecretID (no restart needed).
@@ -135,17 +134,17 @@ class Identity:
         Raises like `establish`; a refused token leaves the current identity, if any, in place. Vault's
         transient errors are retried for up to BOOTSTRAP_TIMEOUT seconds.
         """
+        source = "the wrapped SecretID given to bootstrap"
         with retry.budget(BOOTSTRAP_TIMEOUT):
-            self._unwrap_secret_id(wrapping_token, source="the wrapped SecretID given to bootstrap")
-            issued = self._login_pending()
-        assert issued is not None  # just saved
+            issued = self._login(self._unwrap_secret_id(wrapping_token, source=source), source)
         previous = self._set_current(issued)
         if previous is not None and previous.accessor != issued.accessor:
             log.info("replaced the plugin identity (accessor %s) by bootstrap", previous.accessor)
         return issued
 
-    def _unwrap_secret_id(self, wrapping_token: str, *, source: str) -> None:
-        """Check and unwrap `wrapping_token`, keeping the SecretID sealed until its login succeeds."""
+    def _unwrap_secret_id(self, wrapping_token: str, *, source: str) -> str:
+        """Check and unwrap `wrapping_token`; returns the SecretID, kept sealed in the store until its login
+        succeeds."""
         digest = hashlib.sha256(wrapping_token.encode()).hexdigest()
         consumed_at = self._store.wrapping_token_consumed_at(digest)
         if consumed_at is not None:
@@ -180,7 +179,9 @@ class Identity:
                 ) from e
             raise
         # The consumption mark stays: the same file offered again is recognised as ours, not as tamper.
-        self._store.save_pending_secret_id(unwrapped.response["data"]["secret_id"], source)
+        secret_id = unwrapped.response["data"]["secret_id"]
+        self._store.save_pending_secret_id(secret_id, source)
+        return secret_id
 
     def _read_wrapping_token(self) -> str:
         if self._wrapped_file is None:

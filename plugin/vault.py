@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -269,12 +270,16 @@ class Vault:
                        bool(response.get("renewable")), version)
 
     def fetch_many(self, token: str, requests_: Sequence[tuple[str, tuple[tuple[str, str], ...]]]) -> list[Fetched]:
-        """`fetch` each (path, params) concurrently, results in order: a Mount of n independent secrets costs
-        about one round trip, not n. Each request runs within the caller's budget. The first error is
-        raised once all requests have ended."""
-        if len(requests_) <= 1:
-            return [self.fetch(token, path, params) for path, params in requests_]
-        futures = [self._pool().submit(retry.run_in_context(self.fetch), token, path, params) for path, params in requests_]
+        """`fetch` each (path, params) concurrently, results in order (see `concurrently`)."""
+        return self.concurrently([functools.partial(self.fetch, token, path, params) for path, params in requests_])
+
+    def concurrently(self, calls: Sequence[Callable[[], T]]) -> list[T]:
+        """Run independent calls of this adapter concurrently, results in order: a Mount of n secrets costs
+        about one round trip, not n. Each runs within the caller's budget. The first error is raised once
+        all have ended. Calls must not themselves use `concurrently` (the pool is shared)."""
+        if len(calls) <= 1:
+            return [call() for call in calls]
+        futures = [self._pool().submit(retry.run_in_context(call)) for call in calls]
         concurrent.futures.wait(futures)
         return [future.result() for future in futures]
 

@@ -108,11 +108,13 @@ def test_restart_keeps_volumes_and_mounts_and_can_revoke_them(start_plugin, bao,
 
 
 def test_serves_state_while_vault_is_unreachable(start_plugin, short_tmp):
-    plugin = start_plugin(vault_addr="http://127.0.0.1:9", wait_for="serving")
+    plugin = start_plugin(vault_addr="http://127.0.0.1:9", wait_for="serving", extra=["--mount-timeout", "2"])
     plugin.client.ok("VolumeDriver.Create", {"Name": "web", "Opts": OPTIONS})
     assert [v["Name"] for v in plugin.client.ok("VolumeDriver.List")["Volumes"]] == ["web"]
+    started = time.monotonic()
     status, reply = plugin.client.call("VolumeDriver.Mount", {"Name": "web", "ID": MOUNT_ID})
-    assert status == 500 and "no Vault identity" in reply["Err"]
+    assert status == 500 and "no Vault identity" in reply["Err"] and "is unreachable" in reply["Err"]
+    assert 1.5 < time.monotonic() - started < 5, "the Mount waited its budget for an identity that may still come"
     assert not (short_tmp / "state" / "mounts" / "web").exists()
 
 

@@ -62,6 +62,9 @@ class FakeVault:
     def fetch_many(self, token, requests):
         return [self.fetch(token, path, params) for path, params in requests]
 
+    def concurrently(self, calls):
+        return [call() for call in calls]
+
     def kv2_current_version(self, token, path):
         self._check()
         return self.versions[path]
