@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from devenv.database import configure_database_engine  # noqa: E402
 from devenv.openbao import OpenBaoDevServer, bao_binary, free_loopback_port, seed_demo, wrapped_secret_id  # noqa: E402
-from plugin.leases import Again, Scheduler  # noqa: E402
+from plugin.core.scheduler import Again, Scheduler  # noqa: E402
 from tests.support.dockerd import Dockerd  # noqa: E402
 from tests.support.images import build_busybox_image  # noqa: E402
 from tests.support.plugin import PluginProcess  # noqa: E402

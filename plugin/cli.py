@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from plugin.errors import PluginError
+from plugin.core.errors import PluginError
 from plugin.settings import Settings
 from plugin.settings import DEFAULT_ALLOWED_PATHS
 
@@ -23,7 +23,7 @@ class _Commands(click.Group):
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name == "migrate":
-            from plugin.migrate import migrate
+            from plugin.ops.migrate import migrate
 
             return migrate
         return super().get_command(ctx, name)
@@ -87,7 +87,7 @@ def serve(socket_path, state_dir, mount_root, vault_addr, vault_cacert, vault_cl
         except OSError as e:
             raise click.UsageError(f"cannot read --role-id-file {role_id_file}: {e.strerror}") from e
     if metrics_addr:
-        from plugin.metrics import parse_address
+        from plugin.core.metrics import parse_address
 
         try:
             parse_address(metrics_addr)
@@ -113,12 +113,19 @@ def serve(socket_path, state_dir, mount_root, vault_addr, vault_cacert, vault_cl
         metrics_addr=metrics_addr,
         hostname=socket.gethostname(),
     )
-    from plugin.server import serve as run  # gunicorn is imported only by the command that needs it
+    from plugin.edge.server import serve as run  # gunicorn is imported only by the command that needs it
 
     try:
-        run(settings, log_level=log_level, log_format=log_format)
+        run(settings, _build_in_worker, log_level=log_level, log_format=log_format)
     except PluginError as e:
         raise click.ClickException(str(e)) from e
+
+
+def _build_in_worker(settings: Settings):
+    """The plugin's WSGI application, built in gunicorn's worker: only there are its components imported."""
+    from plugin.service import build_application
+
+    return build_application(settings)
 
 
 def _control_options(command):
@@ -131,7 +138,7 @@ def _control_options(command):
 
 
 def _control(state_dir: Path, control_socket: Path | None, verb: str, body: dict, timeout: float = 120) -> dict:
-    from plugin.control import call
+    from plugin.edge.control import call
 
     try:
         return call(control_socket or state_dir / "control.sock", verb, body, timeout)

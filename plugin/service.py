@@ -11,19 +11,19 @@ import os
 import threading
 from collections.abc import Callable
 
-from plugin.app import create_app, create_control_app
-from plugin.docker_api import DockerAPI
-from plugin.driver import Driver
-from plugin.errors import PluginError
-from plugin.identity import Identity
-from plugin.leases import Scheduler
-from plugin.metrics import IDENTITY_SECONDS_LEFT, MOUNTS_ACTIVE, serve_metrics
-from plugin.mounts import TmpfsMounter
-from plugin.operations import Operations
-from plugin.seal import Sealer
+from plugin.edge.app import create_app, create_control_app
+from plugin.edge.docker_api import DockerAPI
+from plugin.core.driver import Driver
+from plugin.core.errors import PluginError
+from plugin.vault.identity import Identity
+from plugin.core.scheduler import Scheduler
+from plugin.core.metrics import IDENTITY_SECONDS_LEFT, MOUNTS_ACTIVE, serve_metrics
+from plugin.host.mounts import TmpfsMounter
+from plugin.ops.operations import Operations
+from plugin.host.seal import Sealer
 from plugin.settings import Settings
-from plugin.store import Store
-from plugin.vault import Vault
+from plugin.host.store import Store
+from plugin.vault.client import Vault
 
 log = logging.getLogger(__name__)
 

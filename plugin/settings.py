@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 
 # Wrapping tokens accepted for wrapped-token= volumes: made by token roles or auth/token/create, and
-# AppRole SecretIDs (plugin/wrapping.py never accepts sys/wrapping/wrap, whatever is configured).
+# AppRole SecretIDs (plugin/vault/wrapping.py never accepts sys/wrapping/wrap, whatever is configured).
 DEFAULT_ALLOWED_PATHS = ("auth/token/create*", "auth/*/role/*/secret-id")
 
 

@@ -18,10 +18,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from devenv.openbao import DemoSeed, OpenBaoDevServer, bao_binary, seed_demo, wrapped_secret_id  # noqa: E402
-from plugin.driver import Driver  # noqa: E402
-from plugin.seal import Sealer  # noqa: E402
-from plugin.store import Store  # noqa: E402
-from plugin.leases import Scheduler  # noqa: E402
+from plugin.core.driver import Driver  # noqa: E402
+from plugin.host.seal import Sealer  # noqa: E402
+from plugin.host.store import Store  # noqa: E402
+from plugin.core.scheduler import Scheduler  # noqa: E402
 from tests.support.plugin import PluginProcess  # noqa: E402
 from tests.support.fakes import OPTIONS, FakeClock, FakeIdentity, FakeMounter, FakeVault  # noqa: E402
 
@@ -164,8 +164,8 @@ def clock():
 
 @pytest.fixture
 def scheduler(clock, monkeypatch):
-    monkeypatch.setattr("plugin.leases.random.uniform", lambda low, high: low)  # no jitter: exact deadlines
-    monkeypatch.setattr("plugin.retry.random.random", lambda: 0.5)  # backoff without jitter
+    monkeypatch.setattr("plugin.core.scheduler.random.uniform", lambda low, high: low)  # no jitter: exact deadlines
+    monkeypatch.setattr("plugin.core.retry.random.random", lambda: 0.5)  # backoff without jitter
     return Scheduler(clock=clock)
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from plugin.app import create_app
+from plugin.edge.app import create_app
 from tests.support.fakes import OPTIONS
 
 ACCEPT = {"Accept": "application/vnd.docker.plugins.v1.2+json"}

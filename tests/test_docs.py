@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from plugin import cli, metrics
-from plugin.spec import FILE_OPTION_PREFIXES, SCALAR_OPTIONS, parse_spec
+from plugin import cli
+from plugin.core import metrics
+from plugin.core.spec import FILE_OPTION_PREFIXES, SCALAR_OPTIONS, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = {p.name: p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
-SOURCE = "\n".join(p.read_text() for p in (ROOT / "plugin").glob("*.py"))
+SOURCE = "\n".join(p.read_text() for p in sorted((ROOT / "plugin").rglob("*.py")))
 
 
 def test_every_volume_option_is_in_the_options_reference():

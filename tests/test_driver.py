@@ -6,9 +6,9 @@ import threading
 
 import pytest
 
-from plugin.driver import Driver
-from plugin.leases import Scheduler
-from plugin.errors import (
+from plugin.core.driver import Driver
+from plugin.core.scheduler import Scheduler
+from plugin.core.errors import (
     IdentityUnavailableError,
     InvalidOptionError,
     MountError,
@@ -16,7 +16,7 @@ from plugin.errors import (
     VolumeInUseError,
     VolumeNotFoundError,
 )
-from plugin.store import MountRecord
+from plugin.host.store import MountRecord
 from tests.support.fakes import OPTIONS
 
 def test_create_is_idempotent_and_refuses_different_options(driver):
@@ -302,6 +302,6 @@ def test_mounts_of_volumes_no_running_container_uses_are_released(driver, vault,
     in_use = {"web": ["c1"], "other": []}
     assert driver.release_unused(lambda volume: in_use[volume]) == 0, "all mounts are too young to judge"
     later = __import__("time").time() + 120
-    monkeypatch.setattr("plugin.driver.time.time", lambda: later)
+    monkeypatch.setattr("plugin.core.driver.time.time", lambda: later)
     assert driver.release_unused(lambda volume: in_use[volume]) == 1
     assert list(mounter.mounted) == [("web", "a1")] and len(vault.live) == 1

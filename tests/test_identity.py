@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from plugin import retry
-from plugin.errors import IdentityUnavailableError
-from plugin.identity import Identity
-from plugin.store import IdentityRecord
+from plugin.core import retry
+from plugin.core.errors import IdentityUnavailableError
+from plugin.vault.identity import Identity
+from plugin.host.store import IdentityRecord
 
 
 @pytest.fixture

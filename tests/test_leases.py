@@ -6,9 +6,9 @@ import threading
 
 import pytest
 
-from plugin.errors import VaultError, VaultTransientError
-from plugin.leases import Again, Scheduler, renewal_delay
-from plugin.retry import backoff
+from plugin.core.errors import VaultError, VaultTransientError
+from plugin.core.scheduler import Again, Scheduler, renewal_delay
+from plugin.core.retry import backoff
 from tests.support.fakes import FakeClock
 
 
@@ -19,7 +19,7 @@ from tests.support.fakes import FakeClock
 def test_renewal_is_due_at_two_thirds_of_the_ttl_with_jitter(ttl, jitter, expected, monkeypatch):
     for _ in range(50):
         assert 0.6 * max(ttl, 0) <= renewal_delay(ttl) <= 0.7 * max(ttl, 0)
-    monkeypatch.setattr("plugin.leases.random.uniform", lambda low, high: jitter)
+    monkeypatch.setattr("plugin.core.scheduler.random.uniform", lambda low, high: jitter)
     assert renewal_delay(ttl) == pytest.approx(expected)
 
 
@@ -28,7 +28,7 @@ def test_renewal_is_due_at_two_thirds_of_the_ttl_with_jitter(ttl, jitter, expect
     [(3000, 0, 1), (3000, 1, 2), (3000, 3, 8), (3000, 10, 30), (30, 5, 10), (2, 0, 1)],
 )
 def test_retry_backoff_doubles_caps_and_leaves_tries_before_expiry(remaining, attempt, expected, monkeypatch):
-    monkeypatch.setattr("plugin.retry.random.random", lambda: 0.5)
+    monkeypatch.setattr("plugin.core.retry.random.random", lambda: 0.5)
     assert backoff(attempt, first=1, cap=30, remaining=remaining) == expected
 
 
@@ -54,8 +54,8 @@ def clock():
 
 @pytest.fixture(autouse=True)
 def no_jitter(monkeypatch):
-    monkeypatch.setattr("plugin.leases.random.uniform", lambda low, high: low)
-    monkeypatch.setattr("plugin.retry.random.random", lambda: 0.5)
+    monkeypatch.setattr("plugin.core.scheduler.random.uniform", lambda low, high: low)
+    monkeypatch.setattr("plugin.core.retry.random.random", lambda: 0.5)
 
 
 def test_tasks_run_in_deadline_order_and_are_rescheduled(clock):

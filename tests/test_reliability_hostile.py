@@ -26,8 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from plugin.app import MAX_BODY, create_app
-from plugin.spec import FILE_OPTION_PREFIXES, SCALAR_OPTIONS
+from plugin.edge.app import MAX_BODY, create_app
+from plugin.core.spec import FILE_OPTION_PREFIXES, SCALAR_OPTIONS
 from tests.support.fakes import OPTIONS, FakeMounter
 from tests.support.faults import mounts_below
 
@@ -169,7 +169,7 @@ class UnexpectedErrors(logging.Handler):
 
 @pytest.fixture
 def hostile_app(store, vault, identity, scheduler, tmp_path):
-    from plugin.driver import Driver
+    from plugin.core.driver import Driver
 
     mounter = ConfinedMounter(tmp_path / "mounts")
     driver = Driver(store, vault, identity, mounter, scheduler, hostname="host-a")

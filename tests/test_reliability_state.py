@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-import plugin.store
-from plugin.errors import StateError
-from plugin.seal import Sealer
-from plugin.store import SCHEMA_VERSION, IdentityRecord, MountRecord, Store
+import plugin.host.store
+from plugin.core.errors import StateError
+from plugin.host.seal import Sealer
+from plugin.host.store import SCHEMA_VERSION, IdentityRecord, MountRecord, Store
 from tests.support.plugin import plugin_command
 
 PAGE = 4096
@@ -123,15 +123,15 @@ def test_an_emptied_database_beside_its_seal_key_is_refused(tmp_path):
 
 
 def test_every_schema_version_has_its_migration_step():
-    assert len(plugin.store.MIGRATIONS) == SCHEMA_VERSION
+    assert len(plugin.host.store.MIGRATIONS) == SCHEMA_VERSION
 
 
 def test_an_older_database_is_migrated_with_every_volume_mount_and_token_kept(tmp_path, monkeypatch):
     database = populated_state(tmp_path / "state")
     sealer = Sealer.load_or_create(tmp_path / "state" / "seal.key")
     # A synthetic next version: one step that adds a column with a default, as a real change would.
-    monkeypatch.setattr(plugin.store, "MIGRATIONS", (*plugin.store.MIGRATIONS, "ALTER TABLE volumes ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';"))
-    monkeypatch.setattr(plugin.store, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    monkeypatch.setattr(plugin.host.store, "MIGRATIONS", (*plugin.host.store.MIGRATIONS, "ALTER TABLE volumes ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';"))
+    monkeypatch.setattr(plugin.host.store, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
 
     store = Store(database, sealer)
     try:
@@ -152,8 +152,8 @@ def test_a_failing_migration_step_is_undone_whole_and_refused_clearly(tmp_path, 
     sealer = Sealer.load_or_create(tmp_path / "state" / "seal.key")
     # The step's first statement succeeds, its second fails: the first must be rolled back too.
     broken = "ALTER TABLE volumes ADD COLUMN labels TEXT; DELETE FROM volumes; INSERT INTO no_such_table VALUES (1);"
-    monkeypatch.setattr(plugin.store, "MIGRATIONS", (*plugin.store.MIGRATIONS, broken))
-    monkeypatch.setattr(plugin.store, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    monkeypatch.setattr(plugin.host.store, "MIGRATIONS", (*plugin.host.store.MIGRATIONS, broken))
+    monkeypatch.setattr(plugin.host.store, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
 
     with pytest.raises(StateError, match=f"could not migrate state database .* from schema version {SCHEMA_VERSION} "
                                          f"to {SCHEMA_VERSION + 1} .*left at version {SCHEMA_VERSION} with its data"):

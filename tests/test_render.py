@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from plugin.errors import SecretFormatError
-from plugin.render import render_file, render_files
-from plugin.spec import SecretFile, Source, parse_spec
+from plugin.core.errors import SecretFormatError
+from plugin.core.render import render_file, render_files
+from plugin.core.spec import SecretFile, Source, parse_spec
 
 SECRET_VALUE = "hunter2-do-not-leak"
 

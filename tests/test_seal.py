@@ -7,8 +7,8 @@ import stat
 
 import pytest
 
-from plugin.errors import StateError
-from plugin.seal import Sealer
+from plugin.core.errors import StateError
+from plugin.host.seal import Sealer
 
 TOKEN = "hvs.CAESIJ-not-a-real-token-0123456789"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from plugin.secret_detect import classify, entropy, interpolations, looks_random
+from plugin.ops.secret_detect import classify, entropy, interpolations, looks_random
 
 # (name, value, the reason expected, or None for "not a secret")
 CASES = [

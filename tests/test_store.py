@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from plugin.errors import StateError
-from plugin.seal import Sealer
-from plugin.store import SCHEMA_VERSION, IdentityRecord, MountRecord, Store, VolumeCredential, VolumeRecord
+from plugin.core.errors import StateError
+from plugin.host.seal import Sealer
+from plugin.host.store import SCHEMA_VERSION, IdentityRecord, MountRecord, Store, VolumeCredential, VolumeRecord
 
 OPTIONS = {"role": "web", "secret.db_password": "secret/data/web/db#password"}
 

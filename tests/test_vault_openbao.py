@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from plugin.errors import IdentityUnavailableError, VaultError, VaultTransientError, WrappingTokenError
-from plugin.identity import Identity
-from plugin.seal import Sealer
-from plugin.store import Store
-from plugin.vault import Vault
+from plugin.core.errors import IdentityUnavailableError, VaultError, VaultTransientError, WrappingTokenError
+from plugin.vault.identity import Identity
+from plugin.host.seal import Sealer
+from plugin.host.store import Store
+from plugin.vault.client import Vault
 
 pytestmark = pytest.mark.openbao
 

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from plugin import retry
-from plugin.errors import AnswerLostError, TokenInvalidError, VaultError, VaultTransientError, WrappingTokenError
-from plugin.vault import Vault
+from plugin.core import retry
+from plugin.core.errors import AnswerLostError, TokenInvalidError, VaultError, VaultTransientError, WrappingTokenError
+from plugin.vault.client import Vault
 from tests.support.faultproxy import FaultProxy
 
 pytestmark = pytest.mark.openbao

@@ -9,8 +9,8 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from plugin.errors import IdentityUnavailableError, MountError, TokenInvalidError, VaultError, VaultTransientError
-from plugin.vault import Fetched, IssuedToken
+from plugin.core.errors import IdentityUnavailableError, MountError, TokenInvalidError, VaultError, VaultTransientError
+from plugin.vault.client import Fetched, IssuedToken
 
 OPTIONS = {"role": "web", "secret.pw": "secret/data/web/db#password", "secret.all": "secret/data/web/db", "uid": "1000"}
 SECRETS = {"secret/data/web/db": {"password": "hunter2", "username": "web"}}

@@ -221,8 +221,8 @@ def state_query(state_dir: Path, sql: str, args: tuple = ()) -> list[tuple]:
 
 def sealed_state(state_dir: Path):
     """The plugin's `Store`, opened with its seal key: for a test to learn the tokens it must not find elsewhere."""
-    from plugin.seal import Sealer
-    from plugin.store import Store
+    from plugin.host.seal import Sealer
+    from plugin.host.store import Store
 
     return Store(state_dir / "state.db", Sealer.load_or_create(state_dir / "seal.key"))
 

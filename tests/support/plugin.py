@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from plugin.unixhttp import UnixHTTPConnection
+from plugin.edge.unixhttp import UnixHTTPConnection
 
 ACCEPT = "application/vnd.docker.plugins.v1.2+json"
 
@@ -113,8 +113,8 @@ class PluginProcess:
 
 def open_state(state_dir: Path):
     """The plugin's state store, opened with its own seal key, to see what it holds (tests only)."""
-    from plugin.seal import Sealer
-    from plugin.store import Store
+    from plugin.host.seal import Sealer
+    from plugin.host.store import Store
 
     return Store(state_dir / "state.db", Sealer.load_or_create(state_dir / "seal.key"))
 

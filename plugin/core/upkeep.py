@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 
-from plugin.errors import PluginError, VaultError
-from plugin.leases import Again, Scheduler, renewal_delay, token_renewal
-from plugin.mounts import TmpfsMounter
-from plugin.render import render_files
-from plugin.spec import Source, Spec
-from plugin.store import MountRecord, Store
-from plugin.vault import Fetched, Vault
+from plugin.core.errors import PluginError, VaultError
+from plugin.core.scheduler import Again, Scheduler, renewal_delay, token_renewal
+from plugin.host.mounts import TmpfsMounter
+from plugin.core.render import render_files
+from plugin.core.spec import Source, Spec
+from plugin.host.store import MountRecord, Store
+from plugin.vault.client import Fetched, Vault
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("plugin.audit")

@@ -13,7 +13,7 @@ from typing import Any
 from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, UndefinedError, nodes
 from jinja2.sandbox import SandboxedEnvironment
 
-from plugin.errors import InvalidOptionError, SecretFormatError
+from plugin.core.errors import InvalidOptionError, SecretFormatError
 
 MAX_TEMPLATE = 16 << 10
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from plugin.errors import InvalidOptionError
+from plugin.core.errors import InvalidOptionError
 
 MOUNTS_ACTIVE = Gauge("vault_secrets_mounts_active", "Container mounts currently served.")
 MOUNT_SECONDS = Histogram(

@@ -10,9 +10,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from plugin.errors import SecretFormatError
-from plugin.spec import SecretFile, Source, Spec
-from plugin.template import render_template
+from plugin.core.errors import SecretFormatError
+from plugin.core.spec import SecretFile, Source, Spec
+from plugin.core.template import render_template
 
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 

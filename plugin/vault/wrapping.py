@@ -13,8 +13,8 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from plugin.errors import InvalidOptionError, VaultError, VaultTransientError, WrappingTokenError
-from plugin.vault import Vault
+from plugin.core.errors import InvalidOptionError, VaultError, VaultTransientError, WrappingTokenError
+from plugin.vault.client import Vault
 
 audit = logging.getLogger("plugin.audit")
 

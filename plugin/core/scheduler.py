@@ -17,10 +17,10 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 
-from plugin.errors import PluginError, VaultTransientError
-from plugin.metrics import RENEWAL_FAILURES, RENEWALS
-from plugin.retry import backoff
-from plugin.vault import Vault
+from plugin.core.errors import PluginError, VaultTransientError
+from plugin.core.metrics import RENEWAL_FAILURES, RENEWALS
+from plugin.core.retry import backoff
+from plugin.vault.client import Vault
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("plugin.audit")

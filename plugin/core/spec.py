@@ -12,8 +12,8 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Literal
 
-from plugin.errors import InvalidOptionError
-from plugin.template import template_sources
+from plugin.core.errors import InvalidOptionError
+from plugin.core.template import template_sources
 
 Format = Literal["raw", "json", "env", "pem", "template"]
 FORMATS: tuple[Format, ...] = ("raw", "json", "env", "pem")

@@ -16,10 +16,10 @@ from typing import Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from plugin.driver import Driver
-from plugin.errors import InvalidOptionError, PluginError
-from plugin.identity import Identity
-from plugin.operations import Operations
+from plugin.core.driver import Driver
+from plugin.core.errors import InvalidOptionError, PluginError
+from plugin.vault.identity import Identity
+from plugin.ops.operations import Operations
 
 log = logging.getLogger(__name__)
 

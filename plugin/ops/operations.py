@@ -11,11 +11,11 @@ import dataclasses
 import time
 from typing import Any
 
-from plugin.errors import PluginError
-from plugin.identity import Identity
-from plugin.spec import Spec, parse_spec
-from plugin.store import Store
-from plugin.vault import Vault
+from plugin.core.errors import PluginError
+from plugin.vault.identity import Identity
+from plugin.core.spec import Spec, parse_spec
+from plugin.host.store import Store
+from plugin.vault.client import Vault
 
 DOCTOR_TOKEN_TTL = 60
 _WRITING = {"create", "update", "sudo", "root"}

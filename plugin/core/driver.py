@@ -24,23 +24,23 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from plugin import retry
-from plugin.credentials import unwrap_volume_credential
-from plugin.errors import (
+from plugin.core import retry
+from plugin.vault.credentials import unwrap_volume_credential
+from plugin.core.errors import (
     InvalidOptionError,
     VaultError,
     VolumeInUseError,
     VolumeNotFoundError,
 )
-from plugin.leases import Scheduler, renewal_delay, token_renewal
-from plugin.metrics import MOUNT_FAILURES, MOUNT_SECONDS
-from plugin.mounts import TmpfsMounter
-from plugin.render import render_files
-from plugin.revocation import Revoker, TokenSource
-from plugin.spec import TOKEN_FILE_WRAP_TTL, Source, Spec, parse_spec
-from plugin.store import MountRecord, Store, VolumeRecord
-from plugin.upkeep import MountUpkeep, Notify
-from plugin.vault import Fetched, IssuedToken, Vault
+from plugin.core.scheduler import Scheduler, renewal_delay, token_renewal
+from plugin.core.metrics import MOUNT_FAILURES, MOUNT_SECONDS
+from plugin.host.mounts import TmpfsMounter
+from plugin.core.render import render_files
+from plugin.core.revocation import Revoker, TokenSource
+from plugin.core.spec import TOKEN_FILE_WRAP_TTL, Source, Spec, parse_spec
+from plugin.host.store import MountRecord, Store, VolumeRecord
+from plugin.core.upkeep import MountUpkeep, Notify
+from plugin.vault.client import Fetched, IssuedToken, Vault
 from plugin.settings import DEFAULT_ALLOWED_PATHS
 
 log = logging.getLogger(__name__)

@@ -17,9 +17,9 @@ from pathlib import Path
 import click
 import yaml
 
-from plugin.errors import InvalidOptionError
-from plugin.secret_detect import classify, interpolations
-from plugin.spec import parse_spec
+from plugin.core.errors import InvalidOptionError
+from plugin.ops.secret_detect import classify, interpolations
+from plugin.core.spec import parse_spec
 
 REDACTED = "<redacted: from compose file>"
 

@@ -1,7 +1,7 @@
 """Serving: gunicorn on the plugin's Unix sockets, and the checks made before it starts.
 
 This module runs in gunicorn's master process and imports nothing heavy: the components are built in
-the worker, after the fork (plugin/service.py). gunicorn's arbiter binds the sockets before the worker
+the worker, after the fork, by the `build` the composition root passes (plugin/service.py). gunicorn's arbiter binds the sockets before the worker
 starts, so dockerd can connect while the worker is still authenticating to Vault. One worker with
 threads: the refcount locks and background threads live in that worker.
 """
@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging.config
 import os
 import stat
+from collections.abc import Callable
+from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from plugin.errors import PluginError, StateError
-from plugin.logs import logging_config
+from plugin.core.errors import PluginError, StateError
+from plugin.ops.logs import logging_config
 from plugin.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,8 +61,8 @@ def check_state(settings: Settings) -> None:
         os.close(read_end)
         status = 0
         try:
-            from plugin.seal import Sealer
-            from plugin.store import Store
+            from plugin.host.seal import Sealer
+            from plugin.host.store import Store
 
             Store(settings.database_path, Sealer.load_or_create(settings.key_path)).close()
         except PluginError as e:
@@ -81,8 +83,9 @@ def check_state(settings: Settings) -> None:
 class PluginServer(BaseApplication):
     """gunicorn running the plugin on a Unix socket with one threaded worker."""
 
-    def __init__(self, settings: Settings, *, threads: int = 16, log_level: str = "info", log_format: str = "json"):
-        self._settings = settings
+    def __init__(self, settings: Settings, build: Callable[[Settings], Any], *, threads: int = 16, log_level: str = "info",
+                 log_format: str = "json"):
+        self._settings, self._build = settings, build
         self._threads = threads
         self._logging = logging_config(log_level, log_format)
         super().__init__()
@@ -106,15 +109,15 @@ class PluginServer(BaseApplication):
                 self.cfg.set(key, value)
 
     def load(self):
-        from plugin.service import build_application  # in the worker only: see plugin/service.py
-
-        return build_application(self._settings)
+        return self._build(self._settings)  # in the worker, after the fork
 
 
-def serve(settings: Settings, *, log_level: str = "info", log_format: str = "json") -> None:
+def serve(settings: Settings, build: Callable[[Settings], Any], *, log_level: str = "info", log_format: str = "json") -> None:
+    """Check the state directory, then serve the WSGI application `build(settings)` makes in the worker
+    (the composition root: it must import the heavy parts itself, so that the master stays lean)."""
     logging.config.dictConfig(logging_config(log_level, log_format))
     os.umask(0o077)  # the database, its journal and anything else the plugin creates: root only
     prepare_state_dir(settings)
     check_seal_key(settings)
     check_state(settings)
-    PluginServer(settings, log_level=log_level, log_format=log_format).run()
+    PluginServer(settings, build, log_level=log_level, log_format=log_format).run()

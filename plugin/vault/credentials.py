@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from plugin.errors import InvalidOptionError, PluginError
-from plugin.spec import Spec
-from plugin.store import VolumeCredential
-from plugin.vault import IssuedToken, Vault
-from plugin.wrapping import unwrap_checked
+from plugin.core.errors import InvalidOptionError, PluginError
+from plugin.core.spec import Spec
+from plugin.host.store import VolumeCredential
+from plugin.vault.client import IssuedToken, Vault
+from plugin.vault.wrapping import unwrap_checked
 
 _MINTING_CAPABILITIES = {"create", "update", "sudo", "root"}
 

@@ -6,8 +6,8 @@ import http.client
 from pathlib import Path
 from typing import Any
 
-from plugin.errors import PluginError
-from plugin.unixhttp import request
+from plugin.core.errors import PluginError
+from plugin.edge.unixhttp import request
 
 
 class ControlError(PluginError):

@@ -8,8 +8,8 @@ import json
 import urllib.parse
 from pathlib import Path
 
-from plugin.errors import PluginError
-from plugin.unixhttp import request
+from plugin.core.errors import PluginError
+from plugin.edge.unixhttp import request
 
 
 class DockerError(PluginError):

@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from plugin import retry
-from plugin.errors import (
+from plugin.core import retry
+from plugin.core.errors import (
     AnswerLostError,
     IdentityUnavailableError,
     PluginError,
@@ -29,10 +29,10 @@ from plugin.errors import (
     VaultTransientError,
     WrappingTokenError,
 )
-from plugin.leases import renewal_delay
-from plugin.store import IdentityRecord, Store
-from plugin.vault import IssuedToken, Vault
-from plugin.wrapping import unwrap_checked
+from plugin.core.scheduler import renewal_delay
+from plugin.host.store import IdentityRecord, Store
+from plugin.vault.client import IssuedToken, Vault
+from plugin.vault.wrapping import unwrap_checked
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class Identity:
 
     def token(self) -> str:
         """The plugin token. While there is none but one may come (the plugin is still authenticating, or
-        Vault is failing over), waits for it as long as the caller's budget (`plugin.retry`) lasts.
+        Vault is failing over), waits for it as long as the caller's budget (`plugin.core.retry`) lasts.
 
         Raises `IdentityUnavailableError` (saying why) when there is none in time."""
         with self._changed:

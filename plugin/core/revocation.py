@@ -6,10 +6,10 @@ import logging
 from collections.abc import Iterable
 from typing import Protocol
 
-from plugin.errors import PluginError, VaultTransientError
-from plugin.leases import Again, Scheduler, Task
-from plugin.store import Store
-from plugin.vault import Vault
+from plugin.core.errors import PluginError, VaultTransientError
+from plugin.core.scheduler import Again, Scheduler, Task
+from plugin.host.store import Store
+from plugin.vault.client import Vault
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("plugin.audit")

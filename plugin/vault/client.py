@@ -6,7 +6,7 @@ takes `verify` and `cert` from a session it is given and ignores its own argumen
 
 hvac and requests errors are translated here, once, into the plugin's error family, and classified
 once: connection errors, timeouts, 5xx (but 501), 429 and 412 are `VaultTransientError`, retried while
-the caller's budget (`plugin.retry`) lasts; everything else is final and never retried. Callers never
+the caller's budget (`plugin.core.retry`) lasts; everything else is final and never retried. Callers never
 see an hvac exception. Messages name the operation and path, never a token or a secret value.
 """
 
@@ -28,9 +28,9 @@ import requests
 import requests.adapters
 import urllib3.exceptions
 
-from plugin import retry
-from plugin.errors import AnswerLostError, TLSError, TokenInvalidError, VaultError, VaultTransientError, WrappingTokenError
-from plugin.metrics import VAULT_ERRORS, VAULT_RETRIES, VAULT_SECONDS
+from plugin.core import retry
+from plugin.core.errors import AnswerLostError, TLSError, TokenInvalidError, VaultError, VaultTransientError, WrappingTokenError
+from plugin.core.metrics import VAULT_ERRORS, VAULT_RETRIES, VAULT_SECONDS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -17,8 +17,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from plugin.errors import StateError
-from plugin.seal import Sealer
+from plugin.core.errors import StateError
+from plugin.host.seal import Sealer
 
 SCHEMA_VERSION = 2
 _SCHEMA = """

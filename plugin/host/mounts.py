@@ -15,7 +15,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from plugin.errors import MountError
+from plugin.core.errors import MountError
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2

@@ -13,7 +13,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from plugin.errors import StateError
+from plugin.core.errors import StateError
 
 _KEY_BYTES = 32
 _NONCE_BYTES = 12
