@@ -27,7 +27,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from devenv.database import configure_database_engine  # noqa: E402
-from devenv.openbao import OpenBaoDevServer, bao_binary, free_loopback_port, seed_demo, wrapped_secret_id  # noqa: E402
+from devenv.openbao import (  # noqa: E402
+    OpenBaoDevServer,
+    bao_binary,
+    free_loopback_port,
+    seed_demo,
+    wrapped_secret_id,
+)
 from plugin.core.scheduler import Again, Scheduler  # noqa: E402
 from tests.support.dockerd import Dockerd  # noqa: E402
 from tests.support.images import build_busybox_image  # noqa: E402

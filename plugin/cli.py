@@ -11,8 +11,7 @@ from pathlib import Path
 import click
 
 from plugin.core.errors import PluginError
-from plugin.settings import Settings
-from plugin.settings import DEFAULT_ALLOWED_PATHS
+from plugin.settings import DEFAULT_ALLOWED_PATHS, Settings
 
 
 class _Commands(click.Group):
@@ -113,7 +112,9 @@ def serve(socket_path, state_dir, mount_root, vault_addr, vault_cacert, vault_cl
         metrics_addr=metrics_addr,
         hostname=socket.gethostname(),
     )
-    from plugin.edge.server import serve as run  # gunicorn is imported only by the command that needs it
+    from plugin.edge.server import (
+        serve as run,  # gunicorn is imported only by the command that needs it
+    )
 
     try:
         run(settings, _build_in_worker, log_level=log_level, log_format=log_format)

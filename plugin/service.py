@@ -11,19 +11,20 @@ import os
 import threading
 from collections.abc import Callable
 
-from plugin.edge.app import create_app, create_control_app
-from plugin.edge.docker_api import DockerAPI
 from plugin.core.driver import Driver
 from plugin.core.errors import PluginError
-from plugin.vault.identity import Identity
-from plugin.core.scheduler import Scheduler
 from plugin.core.metrics import IDENTITY_SECONDS_LEFT, MOUNTS_ACTIVE, serve_metrics
+from plugin.core.scheduler import Scheduler
+from plugin.edge.app import create_app, create_control_app
+from plugin.edge.docker_api import DockerAPI
 from plugin.host.mounts import TmpfsMounter
-from plugin.ops.operations import Operations
 from plugin.host.seal import Sealer
-from plugin.settings import Settings
 from plugin.host.store import Store
+from plugin.ops.operations import Operations
+from plugin.settings import Settings
 from plugin.vault.client import Vault
+from plugin.vault.credentials import CredentialUnwrapper
+from plugin.vault.identity import Identity
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def build_service(settings: Settings) -> Service:
     scheduler = Scheduler()
     docker = DockerAPI(settings.docker_socket) if settings.docker_socket else None
     driver = Driver(store, vault, identity, TmpfsMounter(settings.mount_root), scheduler, hostname=settings.hostname,
-                    wrap_allowed_paths=settings.wrap_allowed_paths, notify=docker.signal if docker else None,
+                    credentials=CredentialUnwrapper(vault), wrap_allowed_paths=settings.wrap_allowed_paths, notify=docker.signal if docker else None,
                     mount_timeout=settings.mount_timeout)
     MOUNTS_ACTIVE.set_function(store.count_active_mounts)
     IDENTITY_SECONDS_LEFT.set_function(identity.seconds_left)

@@ -17,13 +17,27 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from devenv.openbao import DemoSeed, OpenBaoDevServer, bao_binary, seed_demo, wrapped_secret_id  # noqa: E402
+from devenv.openbao import (  # noqa: E402
+    DemoSeed,
+    OpenBaoDevServer,
+    bao_binary,
+    seed_demo,
+    wrapped_secret_id,
+)
 from plugin.core.driver import Driver  # noqa: E402
+from plugin.core.scheduler import Scheduler  # noqa: E402
 from plugin.host.seal import Sealer  # noqa: E402
 from plugin.host.store import Store  # noqa: E402
-from plugin.core.scheduler import Scheduler  # noqa: E402
+from plugin.settings import DEFAULT_ALLOWED_PATHS  # noqa: E402
+from tests.support.fakes import (  # noqa: E402
+    OPTIONS,
+    FakeClock,
+    FakeCredentials,
+    FakeIdentity,
+    FakeMounter,
+    FakeVault,
+)
 from tests.support.plugin import PluginProcess  # noqa: E402
-from tests.support.fakes import OPTIONS, FakeClock, FakeIdentity, FakeMounter, FakeVault  # noqa: E402
 
 IN_CI = os.environ.get("CI") == "true"
 
@@ -176,7 +190,8 @@ def notified():
 
 @pytest.fixture
 def driver(store, vault, identity, mounter, scheduler, notified):
-    d = Driver(store, vault, identity, mounter, scheduler, hostname="host-a",
+    d = Driver(store, vault, identity, mounter, scheduler, hostname="host-a", credentials=FakeCredentials(),
+               wrap_allowed_paths=DEFAULT_ALLOWED_PATHS,
                notify=lambda volume, signal: notified.append((volume, signal)))
     d.create("web", OPTIONS)
     return d

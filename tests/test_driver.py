@@ -7,7 +7,6 @@ import threading
 import pytest
 
 from plugin.core.driver import Driver
-from plugin.core.scheduler import Scheduler
 from plugin.core.errors import (
     IdentityUnavailableError,
     InvalidOptionError,
@@ -16,8 +15,11 @@ from plugin.core.errors import (
     VolumeInUseError,
     VolumeNotFoundError,
 )
-from plugin.host.store import MountRecord
-from tests.support.fakes import OPTIONS
+from plugin.core.records import MountRecord
+from plugin.core.scheduler import Scheduler
+from plugin.settings import DEFAULT_ALLOWED_PATHS
+from tests.support.fakes import OPTIONS, FakeCredentials
+
 
 def test_create_is_idempotent_and_refuses_different_options(driver):
     driver.create("web", dict(OPTIONS))
@@ -40,8 +42,8 @@ def test_create_validates_options_without_vault(driver, vault):
 
 def test_get_list_path_answer_from_state_while_vault_is_down(driver, vault):
     vault.unavailable = True
-    assert driver.get("web")["Name"] == "web"
-    assert [v["Name"] for v in driver.list()] == ["web"]
+    assert driver.get("web").name == "web"
+    assert [v.name for v in driver.list()] == ["web"]
     assert driver.path("web") == ""
     with pytest.raises(VolumeNotFoundError, match="docker volume create"):
         driver.get("missing")
@@ -56,7 +58,7 @@ def test_mount_renders_files_with_owner_and_mints_one_token_with_meta(driver, va
     assert vault.minted == [("web", {"volume": "web", "mount_id": "a1", "host": "host-a"})]
     # Two files from one path: one read.
     assert [p for _, p in vault.reads] == ["secret/data/web/db"]
-    assert driver.get("web")["Status"] == {"activeMounts": 1}
+    assert driver.get("web").active_mounts == 1
     assert driver.path("web") == path
 
 
@@ -151,7 +153,8 @@ def test_revocation_owed_when_vault_is_down_is_retried(driver, vault, mounter, s
 def test_state_survives_a_new_driver_which_can_unmount_and_revoke(driver, store, vault, identity, mounter, clock):
     path = driver.mount("web", "a1")
     scheduler = Scheduler(clock=clock)
-    restarted = Driver(store, vault, identity, mounter, scheduler, hostname="host-a")
+    restarted = Driver(store, vault, identity, mounter, scheduler, hostname="host-a", credentials=FakeCredentials(),
+                       wrap_allowed_paths=DEFAULT_ALLOWED_PATHS)
     restarted.reconcile()  # the tmpfs is still there: nothing to clean, its token is renewed at once
     scheduler.run_due()
     assert vault.renewed == ["acc-1"]

@@ -11,8 +11,8 @@ import pytest
 
 from plugin.core import retry
 from plugin.core.errors import IdentityUnavailableError
+from plugin.core.records import IdentityRecord
 from plugin.vault.identity import Identity
-from plugin.host.store import IdentityRecord
 
 
 @pytest.fixture

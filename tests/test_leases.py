@@ -7,8 +7,8 @@ import threading
 import pytest
 
 from plugin.core.errors import VaultError, VaultTransientError
-from plugin.core.scheduler import Again, Scheduler, renewal_delay
 from plugin.core.retry import backoff
+from plugin.core.scheduler import Again, Scheduler, renewal_delay
 from tests.support.fakes import FakeClock
 
 

@@ -14,8 +14,8 @@ import yaml
 from click.testing import CliRunner
 
 from devenv.openbao import bao_binary, free_loopback_port
-from plugin.ops.migrate import REDACTED, migrate
 from plugin.core.spec import parse_spec
+from plugin.ops.migrate import REDACTED, migrate
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "migration.md"
 SEPARATOR = "\n# ---- Vault / OpenBao commands ----\n"

@@ -26,6 +26,7 @@ from devenv.openbao import (
     wrapped_secret_id,
 )
 from tests.conftest import SECRET, require, require_root
+from tests.support.faultproxy import FaultProxy
 from tests.support.faults import (
     PLUGINS_DIR,
     PluginLauncher,
@@ -38,7 +39,6 @@ from tests.support.faults import (
     state_query,
     wait_for,
 )
-from tests.support.faultproxy import FaultProxy
 from tests.support.plugin import PluginClient
 
 pytestmark = [pytest.mark.openbao]

@@ -19,8 +19,9 @@ import pytest
 
 import plugin.host.store
 from plugin.core.errors import StateError
+from plugin.core.records import IdentityRecord, MountRecord
 from plugin.host.seal import Sealer
-from plugin.host.store import SCHEMA_VERSION, IdentityRecord, MountRecord, Store
+from plugin.host.store import SCHEMA_VERSION, Store
 from tests.support.plugin import plugin_command
 
 PAGE = 4096

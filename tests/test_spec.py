@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 
 from plugin.core.errors import InvalidOptionError
-from plugin.core.spec import DEFAULT_MODE, DEFAULT_SIZE, DEFAULT_TTL, MAX_FILES, SecretFile, Source, Spec, parse_spec
+from plugin.core.spec import (
+    DEFAULT_MODE,
+    DEFAULT_SIZE,
+    DEFAULT_TTL,
+    MAX_FILES,
+    SecretFile,
+    Source,
+    Spec,
+    parse_spec,
+)
 
 VALID = {"role": "web", "secret.db_password": "secret/data/web/db#password"}
 HUGE = 10_000

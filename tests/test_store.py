@@ -14,8 +14,14 @@ from pathlib import Path
 import pytest
 
 from plugin.core.errors import StateError
+from plugin.core.records import (
+    IdentityRecord,
+    MountRecord,
+    VolumeCredential,
+    VolumeRecord,
+)
 from plugin.host.seal import Sealer
-from plugin.host.store import SCHEMA_VERSION, IdentityRecord, MountRecord, Store, VolumeCredential, VolumeRecord
+from plugin.host.store import SCHEMA_VERSION, Store
 
 OPTIONS = {"role": "web", "secret.db_password": "secret/data/web/db#password"}
 

@@ -7,11 +7,16 @@ import time
 
 import pytest
 
-from plugin.core.errors import IdentityUnavailableError, VaultError, VaultTransientError, WrappingTokenError
-from plugin.vault.identity import Identity
+from plugin.core.errors import (
+    IdentityUnavailableError,
+    VaultError,
+    VaultTransientError,
+    WrappingTokenError,
+)
 from plugin.host.seal import Sealer
 from plugin.host.store import Store
 from plugin.vault.client import Vault
+from plugin.vault.identity import Identity
 
 pytestmark = pytest.mark.openbao
 

@@ -13,7 +13,13 @@ from collections.abc import Iterator
 import pytest
 
 from plugin.core import retry
-from plugin.core.errors import AnswerLostError, TokenInvalidError, VaultError, VaultTransientError, WrappingTokenError
+from plugin.core.errors import (
+    AnswerLostError,
+    TokenInvalidError,
+    VaultError,
+    VaultTransientError,
+    WrappingTokenError,
+)
 from plugin.vault.client import Vault
 from tests.support.faultproxy import FaultProxy
 

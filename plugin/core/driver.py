@@ -25,23 +25,32 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from plugin.core import retry
-from plugin.vault.credentials import unwrap_volume_credential
 from plugin.core.errors import (
     InvalidOptionError,
     VaultError,
     VolumeInUseError,
     VolumeNotFoundError,
 )
-from plugin.core.scheduler import Scheduler, renewal_delay, token_renewal
 from plugin.core.metrics import MOUNT_FAILURES, MOUNT_SECONDS
-from plugin.host.mounts import TmpfsMounter
+from plugin.core.ports import (
+    Mounter,
+    StorePort,
+    TokenSource,
+    VaultPort,
+    VolumeCredentials,
+)
+from plugin.core.records import (
+    Fetched,
+    IssuedToken,
+    MountRecord,
+    VolumeInfo,
+    VolumeRecord,
+)
 from plugin.core.render import render_files
-from plugin.core.revocation import Revoker, TokenSource
+from plugin.core.revocation import Revoker
+from plugin.core.scheduler import Scheduler, renewal_delay, token_renewal
 from plugin.core.spec import TOKEN_FILE_WRAP_TTL, Source, Spec, parse_spec
-from plugin.host.store import MountRecord, Store, VolumeRecord
 from plugin.core.upkeep import MountUpkeep, Notify
-from plugin.vault.client import Fetched, IssuedToken, Vault
-from plugin.settings import DEFAULT_ALLOWED_PATHS
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("plugin.audit")
@@ -60,10 +69,11 @@ UNMOUNT_TIMEOUT = 10.0
 class Driver:
     """Implements the volume verbs over the store, Vault, the plugin identity and the tmpfs mounter."""
 
-    def __init__(self, store: Store, vault: Vault, identity: TokenSource, mounter: TmpfsMounter, scheduler: Scheduler,
-                 *, hostname: str, wrap_allowed_paths: Sequence[str] = DEFAULT_ALLOWED_PATHS, notify: Notify | None = None,
-                 mount_timeout: float = 20.0):
+    def __init__(self, store: StorePort, vault: VaultPort, identity: TokenSource, mounter: Mounter, scheduler: Scheduler,
+                 *, credentials: VolumeCredentials, wrap_allowed_paths: Sequence[str], hostname: str,
+                 notify: Notify | None = None, mount_timeout: float = 20.0):
         self._store, self._vault, self._identity, self._mounter = store, vault, identity, mounter
+        self._credentials = credentials
         self._scheduler = scheduler
         self._notify = notify
         self._upkeeps: dict[tuple[str, str], MountUpkeep] = {}
@@ -97,7 +107,7 @@ class Driver:
             credential = None
             if spec.wrapped_token is not None:
                 with retry.budget(self._mount_timeout):
-                    credential, ttl = unwrap_volume_credential(self._vault, name, spec, self._wrap_allowed_paths)
+                    credential, ttl = self._credentials.unwrap(name, spec, self._wrap_allowed_paths)
             try:
                 self._store.add_volume(name, stored, credential)
             except BaseException:
@@ -123,11 +133,11 @@ class Driver:
                 self._revoker.revoke(credential.accessor, credential.token, volume=name)
         audit.info("volume.remove %s", name, extra={"event": "volume.remove", "volume": name})
 
-    def get(self, name: str) -> dict:
+    def get(self, name: str) -> VolumeInfo:
         volume = self._require_volume(name)
         return self._describe(volume)
 
-    def list(self) -> list[dict]:
+    def list(self) -> list[VolumeInfo]:
         return [self._describe(v) for v in self._store.volumes()]
 
     def path(self, name: str) -> str:
@@ -135,17 +145,13 @@ class Driver:
         self._require_volume(name)
         return next(iter(self._store.active_mountpoints(name)), "")
 
-    def capabilities(self) -> dict:
-        return {"Scope": "local"}
+    def capabilities(self) -> str:
+        """The volumes' scope: "local", each host has its own (mounts, tokens and tmpfs are per host)."""
+        return "local"
 
-    def _describe(self, volume: VolumeRecord) -> dict:
+    def _describe(self, volume: VolumeRecord) -> VolumeInfo:
         active = self._store.active_mountpoints(volume.name)
-        return {
-            "Name": volume.name,
-            "Mountpoint": active[0] if active else "",
-            "CreatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(volume.created_at)),
-            "Status": {"activeMounts": len(active)},
-        }
+        return VolumeInfo(volume.name, active[0] if active else "", volume.created_at, len(active))
 
     # -- mount and unmount ----------------------------------------------------------------------
 

@@ -31,6 +31,14 @@ class VaultTransientError(VaultError):
     (429) or behind on replication (412). Worth retrying while the caller can wait."""
 
 
+class PermissionDeniedError(VaultError):
+    """Vault denied the token access to a path (403)."""
+
+
+class CheckAndSetError(VaultError):
+    """A KV v2 write with check-and-set found data it was not to replace."""
+
+
 class TokenInvalidError(VaultError):
     """Vault says the token itself is not valid (expired, revoked, unknown): renewing it cannot help."""
 

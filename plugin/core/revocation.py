@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Protocol
 
 from plugin.core.errors import PluginError, VaultTransientError
+from plugin.core.ports import StorePort, TokenSource, VaultPort
 from plugin.core.scheduler import Again, Scheduler, Task
-from plugin.host.store import Store
-from plugin.vault.client import Vault
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("plugin.audit")
@@ -18,12 +16,8 @@ CONFIRM_EVERY = 1.0
 CONFIRM_CHECKS = 30
 
 
-class TokenSource(Protocol):
-    def token(self) -> str: ...
-
-
 class Revoker:
-    def __init__(self, vault: Vault, store: Store, identity: TokenSource, scheduler: Scheduler):
+    def __init__(self, vault: VaultPort, store: StorePort, identity: TokenSource, scheduler: Scheduler):
         self._vault, self._store, self._identity, self._scheduler = vault, store, identity, scheduler
 
     def parent_token(self, volume: str) -> str:

@@ -19,8 +19,8 @@ from collections.abc import Callable, Hashable
 
 from plugin.core.errors import PluginError, VaultTransientError
 from plugin.core.metrics import RENEWAL_FAILURES, RENEWALS
+from plugin.core.ports import VaultPort
 from plugin.core.retry import backoff
-from plugin.vault.client import Vault
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("plugin.audit")
@@ -184,7 +184,7 @@ def _describe(key: Hashable) -> str:
     return " ".join(map(str, key)) if isinstance(key, tuple) else str(key)
 
 
-def token_renewal(vault: Vault, token: str) -> Task:
+def token_renewal(vault: VaultPort, token: str) -> Task:
     """A task renewing `token` at about two thirds of each new TTL."""
     def renew() -> Again:
         issued = vault.renew_self(token)

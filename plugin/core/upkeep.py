@@ -13,12 +13,11 @@ import logging
 from collections.abc import Callable, Mapping
 
 from plugin.core.errors import PluginError, VaultError
-from plugin.core.scheduler import Again, Scheduler, renewal_delay, token_renewal
-from plugin.host.mounts import TmpfsMounter
+from plugin.core.ports import Mounter, StorePort, VaultPort
+from plugin.core.records import Fetched, MountRecord
 from plugin.core.render import render_files
+from plugin.core.scheduler import Again, Scheduler, renewal_delay, token_renewal
 from plugin.core.spec import Source, Spec
-from plugin.host.store import MountRecord, Store
-from plugin.vault.client import Fetched, Vault
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("plugin.audit")
@@ -29,7 +28,7 @@ CAPPED = 0.9
 Notify = Callable[[str, str], None]  # (volume, signal)
 
 
-def fetch_all(vault: Vault, token: str, sources: tuple[Source, ...]) -> dict[Source, Fetched]:
+def fetch_all(vault: VaultPort, token: str, sources: tuple[Source, ...]) -> dict[Source, Fetched]:
     """One request per source, made concurrently."""
     return dict(zip(sources, vault.fetch_many(token, [(s.path, s.params) for s in sources])))
 
@@ -37,7 +36,7 @@ def fetch_all(vault: Vault, token: str, sources: tuple[Source, ...]) -> dict[Sou
 class MountUpkeep:
     """The scheduled work of one mount. `start()` after Mount or at plugin start, `stop()` at teardown."""
 
-    def __init__(self, record: MountRecord, spec: Spec, *, vault: Vault, store: Store, mounter: TmpfsMounter,
+    def __init__(self, record: MountRecord, spec: Spec, *, vault: VaultPort, store: StorePort, mounter: Mounter,
                  scheduler: Scheduler, fetched: Mapping[Source, Fetched] | None = None, notify: Notify | None = None,
                  token_ttl: int = 0):
         self._record, self._spec = record, spec

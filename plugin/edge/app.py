@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,8 +19,9 @@ from werkzeug.exceptions import HTTPException
 
 from plugin.core.driver import Driver
 from plugin.core.errors import InvalidOptionError, PluginError
-from plugin.vault.identity import Identity
+from plugin.core.records import VolumeInfo
 from plugin.ops.operations import Operations
+from plugin.vault.identity import Identity
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +46,9 @@ def create_app(driver: Driver) -> Flask:
     route("VolumeDriver.Mount", lambda b: {"Mountpoint": driver.mount(_name(b), _mount_id(b)), "Err": ""})
     route("VolumeDriver.Unmount", lambda b: _ok(driver.unmount(_name(b), _mount_id(b))))
     route("VolumeDriver.Path", lambda b: {"Mountpoint": driver.path(_name(b)), "Err": ""})
-    route("VolumeDriver.Get", lambda b: {"Volume": driver.get(_name(b)), "Err": ""})
-    route("VolumeDriver.List", lambda b: {"Volumes": driver.list(), "Err": ""})
-    route("VolumeDriver.Capabilities", lambda b: {"Capabilities": driver.capabilities()})
+    route("VolumeDriver.Get", lambda b: {"Volume": _volume(driver.get(_name(b))), "Err": ""})
+    route("VolumeDriver.List", lambda b: {"Volumes": [_volume(v) for v in driver.list()], "Err": ""})
+    route("VolumeDriver.Capabilities", lambda b: {"Capabilities": {"Scope": driver.capabilities()}})
 
     _install_error_handlers(app)
     return app
@@ -103,6 +105,16 @@ def _install_error_handlers(app: Flask) -> None:
     def unexpected(e: Exception) -> Response:
         log.exception("unexpected error in %s", request.path)
         return _reply({"Err": "internal error in the vault-secrets plugin: see the plugin's log"}, 500)
+
+
+def _volume(info: VolumeInfo) -> dict[str, Any]:
+    """A volume as dockerd reads it (`docker volume inspect` shows `Status`)."""
+    return {
+        "Name": info.name,
+        "Mountpoint": info.mountpoint,
+        "CreatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.created_at)),
+        "Status": {"activeMounts": info.active_mounts},
+    }
 
 
 def _reply(payload: dict[str, Any], status: int = 200) -> Response:

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from plugin.core.errors import MountError
+from plugin.core.ports import Mounter
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -51,7 +52,7 @@ def directory_mode(file_mode: int) -> int:
     return readable | (readable >> 2)
 
 
-class TmpfsMounter:
+class TmpfsMounter(Mounter):
     """Creates and removes the tmpfs of each mount under `root`. Raises `MountError` on OS failures."""
 
     def __init__(self, root: Path):

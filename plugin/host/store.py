@@ -9,7 +9,6 @@ serialised by a lock: every operation is a few rows, so contention is negligible
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import sqlite3
 import threading
@@ -18,6 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from plugin.core.errors import StateError
+from plugin.core.ports import IdentityStore, StorePort
+from plugin.core.records import (
+    IdentityRecord,
+    MountRecord,
+    VolumeCredential,
+    VolumeRecord,
+)
 from plugin.host.seal import Sealer
 
 SCHEMA_VERSION = 2
@@ -86,52 +92,7 @@ CREATE TABLE pending_secret_id (
 MIGRATIONS: tuple[str, ...] = (_SCHEMA, _PENDING_SECRET_ID)
 
 
-@dataclasses.dataclass(frozen=True)
-class VolumeRecord:
-    name: str
-    options: dict[str, str]
-    created_at: float
-
-
-@dataclasses.dataclass(frozen=True)
-class VolumeCredential:
-    """The token unwrapped from a volume's `wrapped-token`: the parent of its mounts' tokens, or (when it
-    cannot mint children) the token its mounts read with."""
-
-    token: str = dataclasses.field(repr=False)
-    accessor: str
-    can_mint: bool
-    revoked: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class MountRecord:
-    """An active (refcount > 0) or half-made (refcount 0, being set up or torn down) mount.
-
-    `owns_token`: the token was minted for this mount and is revoked with it (else it is the volume's).
-    `container_token_accessor`: the token handed to the container wrapped in its token-file, if any.
-    """
-
-    volume: str
-    mount_id: str
-    refcount: int
-    mountpoint: str
-    token: str = dataclasses.field(repr=False)
-    accessor: str
-    created_at: float
-    owns_token: bool = True
-    container_token_accessor: str | None = None
-    revoked: bool = False  # by break-glass: tokens revoked and files wiped while the container runs on
-
-
-@dataclasses.dataclass(frozen=True)
-class IdentityRecord:
-    token: str = dataclasses.field(repr=False)
-    accessor: str
-    obtained_at: float
-
-
-class Store:
+class Store(StorePort, IdentityStore):
     """Transactional access to the state database. Raises `StateError` when the database is unusable."""
 
     def __init__(self, path: Path, sealer: Sealer):

@@ -17,9 +17,15 @@ from pathlib import Path
 import click
 import yaml
 
-from plugin.core.errors import InvalidOptionError
-from plugin.ops.secret_detect import classify, interpolations
+from plugin.core.errors import (
+    CheckAndSetError,
+    InvalidOptionError,
+    PermissionDeniedError,
+    VaultError,
+    VaultTransientError,
+)
 from plugin.core.spec import parse_spec
+from plugin.ops.secret_detect import classify, interpolations
 
 REDACTED = "<redacted: from compose file>"
 
@@ -195,48 +201,45 @@ def _policy(mount: str, service: Service) -> str:
 def store(services: list[Service], mount: str, addr: str | None, *, overwrite: bool, set_up: bool) -> None:
     """Write each service's secrets to KV v2 (check-and-set 0 unless `overwrite`) and, with `set_up`, its policy
     and token role, with the operator's token. Writes nothing if something exists, unless `overwrite`."""
-    import hvac  # only --write talks to Vault
-    import requests
+    from plugin.vault.operator import OperatorVault  # only --write talks to Vault
 
-    client = hvac.Client(url=addr, token=os.environ.get("VAULT_TOKEN") or os.environ.get("BAO_TOKEN"), timeout=15)
-    if not client.token:  # hvac also read ~/.vault-token
+    vault = OperatorVault(addr, os.environ.get("VAULT_TOKEN") or os.environ.get("BAO_TOKEN"))
+    if not vault.has_token:  # hvac also read ~/.vault-token
         raise MigrationError("no Vault token: set VAULT_TOKEN or log in (bao login); use your own token, never the plugin's")
     path = f"sys/internal/ui/mounts/{mount}"
     try:
-        try:  # how the bao CLI tells KV versions apart; any token may ask about a mount it can use
-            version = ((client.read(path) or {}).get("data") or {}).get("options", {}).get("version")
-        except hvac.exceptions.Forbidden as e:
-            raise MigrationError(f"no secrets engine at {mount}/ on {client.url} that your token may use") from e
+        try:
+            version = vault.kv_version(mount)
+        except PermissionDeniedError as e:
+            raise MigrationError(f"no secrets engine at {mount}/ on {vault.url} that your token may use") from e
         if version != "2":
-            raise MigrationError(f"{mount}/ at {client.url} is not a KV version 2 mount (version {version or 'unknown'})")
+            raise MigrationError(f"{mount}/ at {vault.url} is not a KV version 2 mount (version {version or 'unknown'})")
         exists = []
         for s in [] if overwrite else services:
             try:
-                exists += [f"{mount}/data/{s.kv_path}"] if client.read(path := f"{mount}/metadata/{s.kv_path}") else []
-            except hvac.exceptions.Forbidden:
+                exists += [f"{mount}/data/{s.kv_path}"] if vault.exists(path := f"{mount}/metadata/{s.kv_path}") else []
+            except PermissionDeniedError:
                 pass  # a token may write data without reading metadata: check-and-set still refuses
-            if set_up and (client.read(path := f"sys/policies/acl/{s.policy}") or client.read(f"auth/token/roles/{s.name}")):
+            if set_up and (vault.exists(path := f"sys/policies/acl/{s.policy}") or vault.exists(f"auth/token/roles/{s.name}")):
                 exists.append(f"policy {s.policy} or token role {s.name}")
         if exists:
             raise MigrationError(f"already exists, nothing written: {', '.join(exists)}; rerun with --overwrite to replace")
         for s in services:
             path = f"{mount}/data/{s.kv_path}"
-            client.secrets.kv.v2.create_or_update_secret(s.kv_path, s.secrets, cas=None if overwrite else 0, mount_point=mount)
+            vault.write_kv(mount, s.kv_path, s.secrets, cas=None if overwrite else 0)
             click.echo(f"wrote {len(s.secrets)} keys to {path}", err=True)
             if set_up:
-                client.sys.create_or_update_policy(s.policy, _policy(mount, s))
-                client.write_data(path := f"auth/token/roles/{s.name}", data={"allowed_policies": s.policy, "renewable": True})
+                vault.write_policy(s.policy, _policy(mount, s))
+                vault.write_token_role(s.name, s.policy)
                 click.echo(f"wrote policy {s.policy} and token role {s.name}", err=True)
-    except requests.exceptions.RequestException as e:
-        raise MigrationError(f"cannot reach Vault at {client.url}: {type(e).__name__}") from e
-    except hvac.exceptions.Forbidden as e:
-        raise MigrationError(f"permission denied by Vault on {path}: your token needs access to it") from e
-    except hvac.exceptions.InvalidRequest as e:
-        if "check-and-set" in str(e):
-            raise MigrationError(f"{path} already exists (written meanwhile?); rerun with --overwrite to replace it") from e
-        raise MigrationError(f"Vault refused {path}: {e}") from e
-    except hvac.exceptions.VaultError as e:
-        raise MigrationError(f"Vault error on {path}: {e}") from e
+    except VaultTransientError as e:
+        raise MigrationError(str(e)) from e
+    except PermissionDeniedError as e:
+        raise MigrationError(f"{e}: your token needs access to it") from e
+    except CheckAndSetError as e:
+        raise MigrationError(f"{path} already exists (written meanwhile?); rerun with --overwrite to replace it") from e
+    except VaultError as e:
+        raise MigrationError(str(e)) from e
 
 
 @click.command()

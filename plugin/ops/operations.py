@@ -12,10 +12,10 @@ import time
 from typing import Any
 
 from plugin.core.errors import PluginError
-from plugin.vault.identity import Identity
 from plugin.core.spec import Spec, parse_spec
 from plugin.host.store import Store
 from plugin.vault.client import Vault
+from plugin.vault.identity import Identity
 
 DOCTOR_TOKEN_TTL = 60
 _WRITING = {"create", "update", "sudo", "root"}

@@ -13,7 +13,6 @@ see an hvac exception. Messages name the operation and path, never a token or a 
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import functools
 import logging
 import threading
@@ -29,8 +28,17 @@ import requests.adapters
 import urllib3.exceptions
 
 from plugin.core import retry
-from plugin.core.errors import AnswerLostError, TLSError, TokenInvalidError, VaultError, VaultTransientError, WrappingTokenError
+from plugin.core.errors import (
+    AnswerLostError,
+    TLSError,
+    TokenInvalidError,
+    VaultError,
+    VaultTransientError,
+    WrappingTokenError,
+)
 from plugin.core.metrics import VAULT_ERRORS, VAULT_RETRIES, VAULT_SECONDS
+from plugin.core.ports import VaultPort
+from plugin.core.records import Fetched, IssuedToken, WrapInfo
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,42 +52,7 @@ TRANSIENT_STATUSES = {412, 429}
 TRANSIENT_REASONS = ("Waiting for the primary to upgrade from non-versioned to versioned data",)
 
 
-@dataclasses.dataclass(frozen=True)
-class IssuedToken:
-    """A Vault token with what Vault said of it at issue or renewal. `ttl` is in seconds."""
-
-    token: str = dataclasses.field(repr=False)
-    accessor: str
-    ttl: int
-    renewable: bool
-
-    @classmethod
-    def from_auth(cls, auth: Mapping[str, Any]) -> "IssuedToken":
-        """From the `auth` block of a Vault response (login, token create, unwrapped token)."""
-        return cls(auth["client_token"], auth["accessor"], int(auth["lease_duration"]), bool(auth["renewable"]))
-
-
-@dataclasses.dataclass(frozen=True)
-class Fetched:
-    """A secret as Vault answered it: its data, and its lease (dynamic secrets) or KV v2 version."""
-
-    data: Mapping[str, Any] = dataclasses.field(repr=False)
-    lease_id: str | None = None
-    lease_duration: int = 0
-    renewable: bool = False
-    version: int | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class WrapInfo:
-    """What `sys/wrapping/lookup` reveals of a wrapping token without consuming it."""
-
-    creation_path: str
-    creation_time: str
-    ttl: int
-
-
-class Vault:
+class Vault(VaultPort):
     """A connection to one Vault server (or cluster address). Thread-safe: HTTP connections are pooled.
 
     `cacert`: CA bundle (file or directory) that signed Vault's certificate; None trusts the system's
@@ -161,7 +134,7 @@ class Vault:
             "login", f"log in with AppRole at auth/{mount}",
             lambda t: self._client("", t).auth.approle.login(role_id=role_id, secret_id=secret_id, mount_point=mount),
         )
-        return IssuedToken.from_auth(response["auth"])
+        return issued_from_auth(response["auth"])
 
     def mint_child(self, parent: str, role: str | None, ttl: int, meta: Mapping[str, str], display_name: str) -> IssuedToken:
         """Create a child token of `parent`: from token role `role`, or with the parent's policies if None.
@@ -174,7 +147,7 @@ class Vault:
                 role_name=role, ttl=f"{ttl}s", meta=dict(meta), renewable=True, display_name=display_name
             ),
         )
-        return IssuedToken.from_auth(response["auth"])
+        return issued_from_auth(response["auth"])
 
     def mint_wrapped_child(self, parent: str, role: str | None, ttl: int, meta: Mapping[str, str], display_name: str,
                            wrap_ttl: int) -> tuple[str, str]:
@@ -224,7 +197,7 @@ class Vault:
             "renew_token", "renew a token",
             lambda t: self._client(token, t).auth.token.renew_self(increment=f"{increment}s" if increment else None),
         )
-        return IssuedToken.from_auth(response["auth"])
+        return issued_from_auth(response["auth"])
 
     def revoke_self(self, token: str) -> None:
         """Revoke `token` and with it its children and leases. A token Vault no longer knows counts as revoked."""
@@ -430,6 +403,11 @@ class Vault:
                     "give --vault-client-cert and --vault-client-key (VAULT_CLIENT_CERT, VAULT_CLIENT_KEY)")
         return (f"TLS to Vault at {self._addr} failed ({reason}): Vault refused the client certificate "
                 f"{self._client_cert}: it must be signed by a CA in the listener's tls_client_ca_file")
+
+
+def issued_from_auth(auth: Mapping[str, Any]) -> IssuedToken:
+    """An `IssuedToken` from the `auth` block of a Vault answer (login, token create, unwrapped token)."""
+    return IssuedToken(auth["client_token"], auth["accessor"], int(auth["lease_duration"]), bool(auth["renewable"]))
 
 
 class _StatusAdapter(hvac.adapters.JSONAdapter):

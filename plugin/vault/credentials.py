@@ -12,12 +12,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from plugin.core.errors import InvalidOptionError, PluginError
+from plugin.core.ports import VolumeCredentials
+from plugin.core.records import VolumeCredential
 from plugin.core.spec import Spec
-from plugin.host.store import VolumeCredential
-from plugin.vault.client import IssuedToken, Vault
+from plugin.vault.client import Vault, issued_from_auth
 from plugin.vault.wrapping import unwrap_checked
 
 _MINTING_CAPABILITIES = {"create", "update", "sudo", "root"}
+
+
+class CredentialUnwrapper(VolumeCredentials):
+    """`unwrap_volume_credential` as the driver's port."""
+
+    def __init__(self, vault: Vault):
+        self._vault = vault
+
+    def unwrap(self, name: str, spec: Spec, allowed_paths: Sequence[str]) -> tuple[VolumeCredential, int]:
+        return unwrap_volume_credential(self._vault, name, spec, allowed_paths)
 
 
 def unwrap_volume_credential(vault: Vault, name: str, spec: Spec, allowed_paths: Sequence[str]) -> tuple[VolumeCredential, int]:
@@ -36,7 +47,7 @@ def unwrap_volume_credential(vault: Vault, name: str, spec: Spec, allowed_paths:
     if unwrapped.is_secret_id:
         issued = vault.approle_login(spec.approle_mount, spec.role_id, unwrapped.response["data"]["secret_id"])
     elif unwrapped.response.get("auth"):
-        issued = IssuedToken.from_auth(unwrapped.response["auth"])
+        issued = issued_from_auth(unwrapped.response["auth"])
     else:
         raise InvalidOptionError(f"{source} wraps neither a token nor an AppRole SecretID (it was made at {unwrapped.creation_path})")
     try:

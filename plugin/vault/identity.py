@@ -29,9 +29,10 @@ from plugin.core.errors import (
     VaultTransientError,
     WrappingTokenError,
 )
+from plugin.core.ports import IdentityStore, TokenSource
+from plugin.core.records import IdentityRecord, IssuedToken
 from plugin.core.scheduler import renewal_delay
-from plugin.host.store import IdentityRecord, Store
-from plugin.vault.client import IssuedToken, Vault
+from plugin.vault.client import Vault
 from plugin.vault.wrapping import unwrap_checked
 
 log = logging.getLogger(__name__)
@@ -41,13 +42,13 @@ RENEW_MAX_SLEEP = 3600.0
 BOOTSTRAP_TIMEOUT = 30.0
 
 
-class Identity:
+class Identity(TokenSource):
     """Holds the plugin token for the driver (`token()`) and keeps it valid (`run()`, one thread)."""
 
     def __init__(
         self,
         vault: Vault,
-        store: Store,
+        store: IdentityStore,
         *,
         approle_mount: str,
         role_id: str | None,

@@ -13,7 +13,12 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from plugin.core.errors import InvalidOptionError, VaultError, VaultTransientError, WrappingTokenError
+from plugin.core.errors import (
+    InvalidOptionError,
+    VaultError,
+    VaultTransientError,
+    WrappingTokenError,
+)
 from plugin.vault.client import Vault
 
 audit = logging.getLogger("plugin.audit")

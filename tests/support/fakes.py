@@ -9,14 +9,21 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from plugin.core.errors import IdentityUnavailableError, MountError, TokenInvalidError, VaultError, VaultTransientError
-from plugin.vault.client import Fetched, IssuedToken
+from plugin.core.errors import (
+    IdentityUnavailableError,
+    MountError,
+    TokenInvalidError,
+    VaultError,
+    VaultTransientError,
+)
+from plugin.core.ports import Mounter, TokenSource, VaultPort, VolumeCredentials
+from plugin.core.records import Fetched, IssuedToken
 
 OPTIONS = {"role": "web", "secret.pw": "secret/data/web/db#password", "secret.all": "secret/data/web/db", "uid": "1000"}
 SECRETS = {"secret/data/web/db": {"password": "hunter2", "username": "web"}}
 
 
-class FakeVault:
+class FakeVault(VaultPort):
     """Tokens are counters; `secrets` maps path -> data; failures are switched on by the test."""
 
     def __init__(self):
@@ -109,7 +116,7 @@ class FakeVault:
             raise VaultTransientError("Vault at http://127.0.0.1:1 is unreachable")
 
 
-class FakeMounter:
+class FakeMounter(Mounter):
     def __init__(self, root: Path):
         self.root = root
         self.mounted: dict[tuple[str, str], dict] = {}
@@ -137,7 +144,7 @@ class FakeMounter:
         self.mounted.pop((volume, mount_id), None)
 
 
-class FakeIdentity:
+class FakeIdentity(TokenSource):
     def __init__(self):
         self.problem: str | None = None
 
@@ -158,3 +165,10 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+class FakeCredentials(VolumeCredentials):
+    """`wrapped-token=` volumes are tested against real OpenBao (tests/test_wrapping_openbao.py)."""
+
+    def unwrap(self, name, spec, allowed_paths):
+        raise AssertionError("the driver tests make no wrapped-token volumes")

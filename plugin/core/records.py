@@ -1,0 +1,96 @@
+"""The values the core exchanges with its ports: what Vault issued, what the store keeps.
+
+Plain frozen dataclasses, no behaviour. Fields holding a token or secret data are left out of `repr`, so
+that a record logged or shown in a traceback reveals nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class IssuedToken:
+    """A Vault token with what Vault said of it at issue or renewal. `ttl` is in seconds."""
+
+    token: str = dataclasses.field(repr=False)
+    accessor: str
+    ttl: int
+    renewable: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Fetched:
+    """A secret as Vault answered it: its data, and its lease (dynamic secrets) or KV v2 version."""
+
+    data: Mapping[str, Any] = dataclasses.field(repr=False)
+    lease_id: str | None = None
+    lease_duration: int = 0
+    renewable: bool = False
+    version: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class WrapInfo:
+    """What `sys/wrapping/lookup` reveals of a wrapping token without consuming it."""
+
+    creation_path: str
+    creation_time: str
+    ttl: int
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeInfo:
+    """What Get and List say of a volume: `mountpoint` is one active mount's ("" with none)."""
+
+    name: str
+    mountpoint: str
+    created_at: float  # seconds since the epoch
+    active_mounts: int
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeRecord:
+    name: str
+    options: dict[str, str]
+    created_at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeCredential:
+    """The token unwrapped from a volume's `wrapped-token`: the parent of its mounts' tokens, or (when it
+    cannot mint children) the token its mounts read with."""
+
+    token: str = dataclasses.field(repr=False)
+    accessor: str
+    can_mint: bool
+    revoked: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class MountRecord:
+    """An active (refcount > 0) or half-made (refcount 0, being set up or torn down) mount.
+
+    `owns_token`: the token was minted for this mount and is revoked with it (else it is the volume's).
+    `container_token_accessor`: the token handed to the container wrapped in its token-file, if any.
+    """
+
+    volume: str
+    mount_id: str
+    refcount: int
+    mountpoint: str
+    token: str = dataclasses.field(repr=False)
+    accessor: str
+    created_at: float
+    owns_token: bool = True
+    container_token_accessor: str | None = None
+    revoked: bool = False  # by break-glass: tokens revoked and files wiped while the container runs on
+
+
+@dataclasses.dataclass(frozen=True)
+class IdentityRecord:
+    token: str = dataclasses.field(repr=False)
+    accessor: str
+    obtained_at: float
