@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PLUGIN_NAME ?= vault-secrets
 PYTEST_ARGS ?=
 
-.PHONY: venv run test unit bench clean
+.PHONY: venv run test lint unit bench clean
 
 venv: $(VENV)/.installed
 
@@ -18,8 +18,14 @@ $(VENV)/.installed: pyproject.toml
 run: venv
 	$(PY) -m devenv.run --plugin-name $(PLUGIN_NAME)
 
-test: venv
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The layer rules (import-linter contracts in pyproject.toml), lint and formatting: a broken rule fails the build.
+lint: venv
+	$(VENV)/bin/lint-imports
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 bench: venv
 	$(PY) bench/run.py

@@ -59,8 +59,14 @@ def summary(samples: list[float], scale: float = 1000.0) -> dict[str, float]:
     def pct(p: float) -> float:
         return ordered[min(len(ordered) - 1, int(round(p * (len(ordered) - 1))))] * scale
 
-    return {"n": len(ordered), "median": statistics.median(ordered) * scale, "p95": pct(0.95), "p99": pct(0.99),
-            "min": ordered[0] * scale, "max": ordered[-1] * scale}
+    return {
+        "n": len(ordered),
+        "median": statistics.median(ordered) * scale,
+        "p95": pct(0.95),
+        "p99": pct(0.99),
+        "min": ordered[0] * scale,
+        "max": ordered[-1] * scale,
+    }
 
 
 def timed(fn) -> float:
@@ -93,17 +99,40 @@ class Bench:
         self.socket.parent.mkdir(parents=True, exist_ok=True)
         wrapped = workdir / "wrapped"
         wrapped.write_text(wrapped_secret_id(root))
-        self.plugin = PluginProcess(
-            self.socket, workdir / "state", self.bao.addr, role_id=self.seed.role_id, wrapped_secret_id_file=wrapped,
-            log_path=workdir / "plugin.log",
-            extra=["--log-level", "info", "--metrics-addr", f"127.0.0.1:{self.metrics_port}", "--mount-root", str(workdir / "m")],
-        ).wait_until_serving().wait_until_authenticated()
+        self.plugin = (
+            PluginProcess(
+                self.socket,
+                workdir / "state",
+                self.bao.addr,
+                role_id=self.seed.role_id,
+                wrapped_secret_id_file=wrapped,
+                log_path=workdir / "plugin.log",
+                extra=[
+                    "--log-level",
+                    "info",
+                    "--metrics-addr",
+                    f"127.0.0.1:{self.metrics_port}",
+                    "--mount-root",
+                    str(workdir / "m"),
+                ],
+            )
+            .wait_until_serving()
+            .wait_until_authenticated()
+        )
         self.client = self.plugin.client
         kv = {f"secret.s{i}": f"secret/data/web/s{i}#v" for i in range(5)}
         self.client.ok("VolumeDriver.Create", {"Name": "kv5", "Opts": {"role": "web", "refresh": "0", **kv}})
-        self.client.ok("VolumeDriver.Create", {"Name": "kv1", "Opts": {"role": "web", "refresh": "0", "secret.s0": kv["secret.s0"]}})
-        self.client.ok("VolumeDriver.Create", {"Name": "db", "Opts": {"role": "web", "secret.user": "db/creds/app#username",
-                                                                      "secret.pass": "db/creds/app#password"}})
+        self.client.ok(
+            "VolumeDriver.Create",
+            {"Name": "kv1", "Opts": {"role": "web", "refresh": "0", "secret.s0": kv["secret.s0"]}},
+        )
+        self.client.ok(
+            "VolumeDriver.Create",
+            {
+                "Name": "db",
+                "Opts": {"role": "web", "secret.user": "db/creds/app#username", "secret.pass": "db/creds/app#password"},
+            },
+        )
 
     def close(self) -> None:
         for step in (self.plugin.stop, self.docker.stop, self.pg.stop, self.bao.stop):
@@ -121,11 +150,39 @@ class Bench:
         progress("1/6 docker run with a vault-secrets volume vs a local volume")
         d = self.docker
         opts = [a for i in range(3) for a in ("-o", f"secret.s{i}=secret/data/web/s{i}#v")]
-        d.docker("volume", "create", "-d", self.name, "-o", "role=web", "-o", "refresh=0", "-o", "uid=1000", *opts, "bench-secrets")
+        d.docker(
+            "volume",
+            "create",
+            "-d",
+            self.name,
+            "-o",
+            "role=web",
+            "-o",
+            "refresh=0",
+            "-o",
+            "uid=1000",
+            *opts,
+            "bench-secrets",
+        )
         d.docker("volume", "create", "bench-local")
         read = "cat /run/secrets/* >/dev/null 2>&1; true"
-        commands = {kind: ["run", "--rm", "--network", "none", "--user", "1000", "-v", f"bench-{kind}:/run/secrets:ro",
-                           self.image, "sh", "-c", read] for kind in ("secrets", "local")}
+        commands = {
+            kind: [
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                "--user",
+                "1000",
+                "-v",
+                f"bench-{kind}:/run/secrets:ro",
+                self.image,
+                "sh",
+                "-c",
+                read,
+            ]
+            for kind in ("secrets", "local")
+        }
         samples: dict[str, list[float]] = {"secrets": [], "local": []}
         for i in range(self.n(40, 3) + 3):
             order = ["secrets", "local"] if i % 2 == 0 else ["local", "secrets"]
@@ -162,8 +219,11 @@ class Bench:
         if not churn:
             for mount_id in ids:
                 self.client.ok("VolumeDriver.Unmount", {"Name": volume, "ID": mount_id})
-        per_mount = {op: round((during.get(op, 0) - before.get(op, 0)) / count, 2) for op in during
-                     if during.get(op, 0) != before.get(op, 0)}
+        per_mount = {
+            op: round((during.get(op, 0) - before.get(op, 0)) / count, 2)
+            for op in during
+            if during.get(op, 0) != before.get(op, 0)
+        }
         if churn:  # the unmounts' revocations are in the window too
             per_mount.pop("revoke_token", None)
         return {**summary(samples), "vault_requests_per_mount": per_mount}
@@ -186,17 +246,29 @@ class Bench:
         (work / "token").write_text(token)
         templates = "".join(
             f'template {{\n  contents = "{{{{ with secret \\"secret/data/web/s{i}\\" }}}}{{{{ .Data.data.v }}}}{{{{ end }}}}"\n'
-            f'  destination = "{work}/out/s{i}"\n}}\n' for i in range(5))
+            f'  destination = "{work}/out/s{i}"\n}}\n'
+            for i in range(5)
+        )
         (work / "agent.hcl").write_text(
             f'exit_after_auth = true\nvault {{ address = "{self.bao.addr}" }}\n'
-            f'auto_auth {{\n  method "token_file" {{ config = {{ token_file_path = "{work}/token" }} }}\n}}\n{templates}')
+            f'auto_auth {{\n  method "token_file" {{ config = {{ token_file_path = "{work}/token" }} }}\n}}\n{templates}'
+        )
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))} | {"HOME": str(work)}
         agent_samples, mount_samples = [], []
-        for i in range(self.n(20, 2)):
+        for _ in range(self.n(20, 2)):
             shutil.rmtree(work / "out")
             (work / "out").mkdir()
-            agent_samples.append(timed(lambda: subprocess.run([bao_binary(), "agent", f"-config={work}/agent.hcl"],
-                                                               check=True, capture_output=True, env=env, timeout=60)))
+            agent_samples.append(
+                timed(
+                    lambda: subprocess.run(
+                        [bao_binary(), "agent", f"-config={work}/agent.hcl"],
+                        check=True,
+                        capture_output=True,
+                        env=env,
+                        timeout=60,
+                    )
+                )
+            )
             assert len(list((work / "out").iterdir())) == 5, "the agent rendered every secret"
             mount_id = f"{random.getrandbits(256):064x}"
             mount_samples.append(timed(lambda: self.client.ok("VolumeDriver.Mount", {"Name": "kv5", "ID": mount_id})))
@@ -222,9 +294,18 @@ class Bench:
             list(pool.map(pair, range(pairs)))
         elapsed = time.perf_counter() - started
         leaked = self.live_tokens("kv1")
-        tmpfs = [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if f"{self.workdir}/m/kv1/" in line]
-        return {"pairs": pairs, "seconds": elapsed, "pairs_per_second": pairs / elapsed, "errors": len(errors),
-                "error_examples": errors[:3], "leaked_tokens": leaked, "leaked_tmpfs": len(tmpfs)}
+        tmpfs = [
+            line for line in Path("/proc/self/mountinfo").read_text().splitlines() if f"{self.workdir}/m/kv1/" in line
+        ]
+        return {
+            "pairs": pairs,
+            "seconds": elapsed,
+            "pairs_per_second": pairs / elapsed,
+            "errors": len(errors),
+            "error_examples": errors[:3],
+            "leaked_tokens": leaked,
+            "leaked_tmpfs": len(tmpfs),
+        }
 
     def live_tokens(self, volume: str) -> int:
         root = self.bao.client()
@@ -241,7 +322,7 @@ class Bench:
     def renewer(self) -> dict:
         progress("5/6 renewer scale: a heap of deadlines on a controlled clock, then real short-TTL tokens")
         scale = {}
-        for n in ((1_000, 10_000, 100_000) if not self.quick else (100, 1_000)):
+        for n in (1_000, 10_000, 100_000) if not self.quick else (100, 1_000):
             now = [0.0]
             scheduler = Scheduler(clock=lambda: now[0])
             tracemalloc.start()
@@ -256,15 +337,24 @@ class Bench:
             started = time.process_time()
             scheduler.run_due()
             renewed = time.process_time() - started
-            scale[n] = {"schedule_us": scheduled / n * 1e6, "renewal_us": renewed / n * 1e6, "bytes_per_task": memory / n}
+            scale[n] = {
+                "schedule_us": scheduled / n * 1e6,
+                "renewal_us": renewed / n * 1e6,
+                "bytes_per_task": memory / n,
+            }
         real = self.real_renewals()
         return {"controlled_clock": scale, "real": real}
 
     def real_renewals(self) -> dict:
         """As many 5 s child tokens as are quick to make here, renewed by the plugin for a while."""
         count, duration = self.n(300, 10), self.n(20, 6)
-        self.client.ok("VolumeDriver.Create", {"Name": "short", "Opts": {"role": "web", "ttl": "5s", "refresh": "0",
-                                                                         "secret.s0": "secret/data/web/s0#v"}})
+        self.client.ok(
+            "VolumeDriver.Create",
+            {
+                "Name": "short",
+                "Opts": {"role": "web", "ttl": "5s", "refresh": "0", "secret.s0": "secret/data/web/s0#v"},
+            },
+        )
         ids = [f"{random.getrandbits(256):064x}" for _ in range(count)]
         for mount_id in ids:
             self.client.ok("VolumeDriver.Mount", {"Name": "short", "ID": mount_id})
@@ -274,12 +364,21 @@ class Bench:
         alive = self.live_tokens("short")
         for mount_id in ids:
             self.client.ok("VolumeDriver.Unmount", {"Name": "short", "ID": mount_id})
-        return {"tokens": count, "seconds": duration, "renewals": renewals, "tokens_alive_after": alive,
-                "cpu_ms_per_renewal": cpu / renewals * 1000 if renewals else None}
+        return {
+            "tokens": count,
+            "seconds": duration,
+            "renewals": renewals,
+            "tokens_alive_after": alive,
+            "cpu_ms_per_renewal": cpu / renewals * 1000 if renewals else None,
+        }
 
     def renewals(self) -> float:
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vault_secrets_renewals_total{"))
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("vault_secrets_renewals_total{")
+        )
 
     def plugin_pids(self) -> list[int]:
         master = self.plugin.pid
@@ -325,9 +424,14 @@ def machine() -> dict:
         except (OSError, IndexError):
             return "unknown"
 
-    return {"cores": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
-            "openbao": version(bao_binary(), "version"), "dockerd": version("dockerd", "--version"),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    return {
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "openbao": version(bao_binary(), "version"),
+        "dockerd": version("dockerd", "--version"),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
 
 
 def verdicts(results: dict) -> dict[str, float]:
@@ -346,42 +450,74 @@ def verdicts(results: dict) -> dict[str, float]:
 def report(results: dict) -> str:
     m = results["machine"]
     lines = [
-        "# vault-secrets benchmark", "",
+        "# vault-secrets benchmark",
+        "",
         f"{m['date']}, {m['cores']} cores, Python {m['python']}, {m['openbao']}, {m['dockerd']}, kernel {m['kernel']}.",
-        "Everything (OpenBao, PostgreSQL, dockerd, the plugin, the clients) runs on this one machine.", "",
-        "| target | measured | goal | |", "|---|---|---|---|",
+        "Everything (OpenBao, PostgreSQL, dockerd, the plugin, the clients) runs on this one machine.",
+        "",
+        "| target | measured | goal | |",
+        "|---|---|---|---|",
     ]
     for key, value in results["verdicts"].items():
         label, op, goal = TARGETS[key]
         met = value <= goal if op == "<=" else value >= goal
         lines.append(f"| {label} | {value:.2f} | {op} {goal} | {'met' if met else '**missed**'} |")
     mount = results["mount"]
-    lines += ["", "## Mount latency at the socket (ms)", "", "| volume | n | p50 | p95 | p99 | min | max | Vault requests per Mount |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Mount latency at the socket (ms)",
+        "",
+        "| volume | n | p50 | p95 | p99 | min | max | Vault requests per Mount |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, row in mount.items():
         calls = ", ".join(f"{k} {v:g}" for k, v in sorted(row["vault_requests_per_mount"].items()))
-        lines.append(f"| {name} | {row['n']} | {row['median']:.1f} | {row['p95']:.1f} | {row['p99']:.1f} | {row['min']:.1f} | {row['max']:.1f} | {calls} |")
+        lines.append(
+            f"| {name} | {row['n']} | {row['median']:.1f} | {row['p95']:.1f} | {row['p99']:.1f} | {row['min']:.1f} | {row['max']:.1f} | {calls} |"
+        )
     run, agent, tp = results["docker_run"], results["agent"], results["throughput"]
     lines += ["", "## docker run (ms)", "", "| volume | n | median | p95 | min | max |", "|---|---|---|---|---|---|"]
     for kind in ("secrets", "local"):
         row = run[kind]
-        lines.append(f"| {kind} | {row['n']} | {row['median']:.0f} | {row['p95']:.0f} | {row['min']:.0f} | {row['max']:.0f} |")
-    lines += ["", f"bao agent one-shot: median {agent['agent']['median']:.0f} ms; Mount of the same secrets: median "
-              f"{agent['mount']['median']:.1f} ms; ratio {agent['ratio']:.1f}.", "",
-              f"Throughput: {tp['pairs']} concurrent Mount+Unmount pairs in {tp['seconds']:.1f} s "
-              f"({tp['pairs_per_second']:.0f}/s), {tp['errors']} errors, {tp['leaked_tokens']} leaked tokens, "
-              f"{tp['leaked_tmpfs']} leaked tmpfs."]
+        lines.append(
+            f"| {kind} | {row['n']} | {row['median']:.0f} | {row['p95']:.0f} | {row['min']:.0f} | {row['max']:.0f} |"
+        )
+    lines += [
+        "",
+        f"bao agent one-shot: median {agent['agent']['median']:.0f} ms; Mount of the same secrets: median "
+        f"{agent['mount']['median']:.1f} ms; ratio {agent['ratio']:.1f}.",
+        "",
+        f"Throughput: {tp['pairs']} concurrent Mount+Unmount pairs in {tp['seconds']:.1f} s "
+        f"({tp['pairs_per_second']:.0f}/s), {tp['errors']} errors, {tp['leaked_tokens']} leaked tokens, "
+        f"{tp['leaked_tmpfs']} leaked tmpfs.",
+    ]
     renewer = results["renewer"]
-    lines += ["", "## Renewer", "", "| tasks | schedule (us/task) | renewal (us/task) | bytes/task |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "## Renewer",
+        "",
+        "| tasks | schedule (us/task) | renewal (us/task) | bytes/task |",
+        "|---|---|---|---|",
+    ]
     for n, row in renewer["controlled_clock"].items():
         lines.append(f"| {n} | {row['schedule_us']:.1f} | {row['renewal_us']:.1f} | {row['bytes_per_task']:.0f} |")
     real = renewer["real"]
-    cpu = f"{real['cpu_ms_per_renewal']:.2f} ms of plugin CPU per renewal" if real["cpu_ms_per_renewal"] else "no renewal seen"
-    lines += ["", f"Real: {real['tokens']} child tokens with a 5 s TTL kept alive for {real['seconds']} s: "
-              f"{real['renewals']:.0f} renewals, {real['tokens_alive_after']} still alive at the end, {cpu}."]
+    cpu = (
+        f"{real['cpu_ms_per_renewal']:.2f} ms of plugin CPU per renewal"
+        if real["cpu_ms_per_renewal"]
+        else "no renewal seen"
+    )
+    lines += [
+        "",
+        f"Real: {real['tokens']} child tokens with a 5 s TTL kept alive for {real['seconds']} s: "
+        f"{real['renewals']:.0f} renewals, {real['tokens_alive_after']} still alive at the end, {cpu}.",
+    ]
     mem = results["memory"]
-    lines += ["", f"Memory: {mem['idle_kb'] / 1024:.1f} MB PSS idle (gunicorn master and worker), "
-              f"{mem['loaded_kb'] / 1024:.1f} MB with {mem['mounts']} active mounts: {mem['per_mount_kb']:.1f} KB per mount."]
+    lines += [
+        "",
+        f"Memory: {mem['idle_kb'] / 1024:.1f} MB PSS idle (gunicorn master and worker), "
+        f"{mem['loaded_kb'] / 1024:.1f} MB with {mem['mounts']} active mounts: {mem['per_mount_kb']:.1f} KB per mount.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -397,9 +533,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="vsb-", dir="/tmp") as tmp:
         bench = Bench(Path(tmp), args.quick)
         try:
-            results = {"machine": machine(), "quick": args.quick, "docker_run": bench.docker_run(), "mount": bench.mounts(),
-                       "agent": bench.agent(), "throughput": bench.throughput(), "renewer": bench.renewer(),
-                       "memory": bench.memory()}
+            results = {
+                "machine": machine(),
+                "quick": args.quick,
+                "docker_run": bench.docker_run(),
+                "mount": bench.mounts(),
+                "agent": bench.agent(),
+                "throughput": bench.throughput(),
+                "renewer": bench.renewer(),
+                "memory": bench.memory(),
+            }
         finally:
             bench.close()
     results["verdicts"] = verdicts(results)

@@ -53,9 +53,18 @@ class OpenBaoDevServer:
         env["HOME"] = str(workdir)  # the dev server must not touch the operator's token helper
         with open(self.log_path, "wb") as log:
             self._process = subprocess.Popen(
-                [bao_binary(), "server", "-dev", "-dev-no-store-token", f"-dev-root-token-id={self.root_token}",
-                 f"-dev-listen-address=127.0.0.1:{self.port}"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                [
+                    bao_binary(),
+                    "server",
+                    "-dev",
+                    "-dev-no-store-token",
+                    f"-dev-root-token-id={self.root_token}",
+                    f"-dev-listen-address=127.0.0.1:{self.port}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
             )
         self._wait_ready()
 

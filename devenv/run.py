@@ -22,7 +22,9 @@ def main() -> int:
     parser.add_argument("--plugin-name", default="vault-secrets", help="driver name for docker volume create -d")
     args = parser.parse_args()
     if os.geteuid() != 0:
-        print("make run needs root: the plugin mounts tmpfs and dockerd only talks to root-owned sockets", file=sys.stderr)
+        print(
+            "make run needs root: the plugin mounts tmpfs and dockerd only talks to root-owned sockets", file=sys.stderr
+        )
         return 2
     workdir = args.workdir.resolve()
     shutil.rmtree(workdir, ignore_errors=True)
@@ -38,9 +40,18 @@ def main() -> int:
         print(f"OpenBao at {bao.addr}, demo secrets at secret/web/db and secret/web/api, token role {seed.token_role}")
         print(_try_it(args.plugin_name, bao, seed.token_role), flush=True)
         command = [
-            str(Path(sys.executable).parent / "vault-secrets-plugin"), "serve",
-            "--socket", str(socket), "--state-dir", str(workdir / "state"),
-            "--vault-addr", bao.addr, "--role-id", seed.role_id, "--wrapped-secret-id-file", str(wrapped),
+            str(Path(sys.executable).parent / "vault-secrets-plugin"),
+            "serve",
+            "--socket",
+            str(socket),
+            "--state-dir",
+            str(workdir / "state"),
+            "--vault-addr",
+            bao.addr,
+            "--role-id",
+            seed.role_id,
+            "--wrapped-secret-id-file",
+            str(wrapped),
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("VAULT_")}
         plugin = subprocess.Popen(command, env=env)

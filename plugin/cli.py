@@ -34,48 +34,150 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="VAULT_SECRETS_SOCKET",
-              default="/run/docker/plugins/vault-secrets.sock", show_default=True, help="Unix socket dockerd connects to.")
-@click.option("--state-dir", type=click.Path(path_type=Path), envvar="VAULT_SECRETS_STATE_DIR",
-              default="/var/lib/vault-secrets", show_default=True, help="State database and seal key (kept 0700).")
-@click.option("--mount-root", type=click.Path(path_type=Path), envvar="VAULT_SECRETS_MOUNT_ROOT",
-              help="Where per-mount tmpfs are made.  [default: <state-dir>/mounts]")
-@click.option("--vault-addr", envvar="VAULT_ADDR", required=True, help="Vault or OpenBao address, e.g. https://vault:8200.")
-@click.option("--vault-cacert", envvar="VAULT_CACERT", type=click.Path(exists=True, readable=True),
-              help="CA bundle (file or directory) that signed Vault's certificate.  [default: the system's CAs]")
-@click.option("--vault-client-cert", envvar="VAULT_CLIENT_CERT", type=click.Path(exists=True, dir_okay=False, readable=True),
-              help="Client certificate (PEM) for a Vault listener that requires one (mutual TLS).")
-@click.option("--vault-client-key", envvar="VAULT_CLIENT_KEY", type=click.Path(exists=True, dir_okay=False, readable=True),
-              help="Private key (PEM) of --vault-client-cert.")
+@click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(path_type=Path),
+    envvar="VAULT_SECRETS_SOCKET",
+    default="/run/docker/plugins/vault-secrets.sock",
+    show_default=True,
+    help="Unix socket dockerd connects to.",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    envvar="VAULT_SECRETS_STATE_DIR",
+    default="/var/lib/vault-secrets",
+    show_default=True,
+    help="State database and seal key (kept 0700).",
+)
+@click.option(
+    "--mount-root",
+    type=click.Path(path_type=Path),
+    envvar="VAULT_SECRETS_MOUNT_ROOT",
+    help="Where per-mount tmpfs are made.  [default: <state-dir>/mounts]",
+)
+@click.option(
+    "--vault-addr", envvar="VAULT_ADDR", required=True, help="Vault or OpenBao address, e.g. https://vault:8200."
+)
+@click.option(
+    "--vault-cacert",
+    envvar="VAULT_CACERT",
+    type=click.Path(exists=True, readable=True),
+    help="CA bundle (file or directory) that signed Vault's certificate.  [default: the system's CAs]",
+)
+@click.option(
+    "--vault-client-cert",
+    envvar="VAULT_CLIENT_CERT",
+    type=click.Path(exists=True, dir_okay=False, readable=True),
+    help="Client certificate (PEM) for a Vault listener that requires one (mutual TLS).",
+)
+@click.option(
+    "--vault-client-key",
+    envvar="VAULT_CLIENT_KEY",
+    type=click.Path(exists=True, dir_okay=False, readable=True),
+    help="Private key (PEM) of --vault-client-cert.",
+)
 @click.option("--vault-namespace", envvar="VAULT_NAMESPACE", help="Vault Enterprise / OpenBao namespace.")
-@click.option("--vault-timeout", type=click.FloatRange(0.5, 60), envvar="VAULT_SECRETS_VAULT_TIMEOUT", default=5.0,
-              show_default=True, help="Seconds before one Vault request is abandoned (and retried, within --mount-timeout).")
-@click.option("--mount-timeout", type=click.FloatRange(1, 110), envvar="VAULT_SECRETS_MOUNT_TIMEOUT", default=20.0,
-              show_default=True, help="Seconds a Mount may wait for the plugin identity and for Vault to recover from "
-                                      "transient errors (keep it under dockerd's deadline: 30 s for a managed plugin).")
-@click.option("--approle-mount", envvar="VAULT_SECRETS_APPROLE_MOUNT", default="approle", show_default=True,
-              help="Mount path of the AppRole auth method.")
+@click.option(
+    "--vault-timeout",
+    type=click.FloatRange(0.5, 60),
+    envvar="VAULT_SECRETS_VAULT_TIMEOUT",
+    default=5.0,
+    show_default=True,
+    help="Seconds before one Vault request is abandoned (and retried, within --mount-timeout).",
+)
+@click.option(
+    "--mount-timeout",
+    type=click.FloatRange(1, 110),
+    envvar="VAULT_SECRETS_MOUNT_TIMEOUT",
+    default=20.0,
+    show_default=True,
+    help="Seconds a Mount may wait for the plugin identity and for Vault to recover from "
+    "transient errors (keep it under dockerd's deadline: 30 s for a managed plugin).",
+)
+@click.option(
+    "--approle-mount",
+    envvar="VAULT_SECRETS_APPROLE_MOUNT",
+    default="approle",
+    show_default=True,
+    help="Mount path of the AppRole auth method.",
+)
 @click.option("--role-id", envvar="VAULT_SECRETS_ROLE_ID", help="AppRole RoleID of the plugin.")
-@click.option("--role-id-file", type=click.Path(path_type=Path, dir_okay=False), envvar="VAULT_SECRETS_ROLE_ID_FILE",
-              help="File holding the AppRole RoleID.")
-@click.option("--wrapped-secret-id-file", type=click.Path(path_type=Path, dir_okay=False),
-              envvar="VAULT_SECRETS_WRAPPED_SECRET_ID_FILE", help="File holding a single-use wrapping token of an AppRole SecretID.")
-@click.option("--wrap-allowed-paths", envvar="VAULT_SECRETS_WRAP_ALLOWED_PATHS", default=",".join(DEFAULT_ALLOWED_PATHS),
-              show_default=True, help="Comma-separated glob patterns of creation paths accepted for wrapped-token= volumes.")
-@click.option("--control-socket", type=click.Path(path_type=Path), envvar="VAULT_SECRETS_CONTROL_SOCKET",
-              help="Root-only socket for operator commands.  [default: <state-dir>/control.sock]")
-@click.option("--docker-socket", type=click.Path(path_type=Path), envvar="VAULT_SECRETS_DOCKER_SOCKET",
-              help="dockerd's API socket (e.g. /run/docker.sock): enables notify= and releasing mounts of containers "
-                   "that stopped without an Unmount (dockerd restart).")
-@click.option("--metrics-addr", envvar="VAULT_SECRETS_METRICS_ADDR",
-              help="Serve Prometheus metrics on [host]:port (a bare port binds 127.0.0.1). Off by default.")
-@click.option("--log-level", envvar="VAULT_SECRETS_LOG_LEVEL", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
-@click.option("--log-format", envvar="VAULT_SECRETS_LOG_FORMAT", default="json", show_default=True,
-              type=click.Choice(["json", "text"]), help="One JSON object a line, or text for humans.")
-def serve(socket_path, state_dir, mount_root, vault_addr, vault_cacert, vault_client_cert, vault_client_key,
-          vault_namespace, vault_timeout, mount_timeout, approle_mount, role_id, role_id_file, wrapped_secret_id_file,
-          wrap_allowed_paths, control_socket, docker_socket, metrics_addr, log_level, log_format) -> None:
+@click.option(
+    "--role-id-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="VAULT_SECRETS_ROLE_ID_FILE",
+    help="File holding the AppRole RoleID.",
+)
+@click.option(
+    "--wrapped-secret-id-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="VAULT_SECRETS_WRAPPED_SECRET_ID_FILE",
+    help="File holding a single-use wrapping token of an AppRole SecretID.",
+)
+@click.option(
+    "--wrap-allowed-paths",
+    envvar="VAULT_SECRETS_WRAP_ALLOWED_PATHS",
+    default=",".join(DEFAULT_ALLOWED_PATHS),
+    show_default=True,
+    help="Comma-separated glob patterns of creation paths accepted for wrapped-token= volumes.",
+)
+@click.option(
+    "--control-socket",
+    type=click.Path(path_type=Path),
+    envvar="VAULT_SECRETS_CONTROL_SOCKET",
+    help="Root-only socket for operator commands.  [default: <state-dir>/control.sock]",
+)
+@click.option(
+    "--docker-socket",
+    type=click.Path(path_type=Path),
+    envvar="VAULT_SECRETS_DOCKER_SOCKET",
+    help="dockerd's API socket (e.g. /run/docker.sock): enables notify= and releasing mounts of containers "
+    "that stopped without an Unmount (dockerd restart).",
+)
+@click.option(
+    "--metrics-addr",
+    envvar="VAULT_SECRETS_METRICS_ADDR",
+    help="Serve Prometheus metrics on [host]:port (a bare port binds 127.0.0.1). Off by default.",
+)
+@click.option(
+    "--log-level",
+    envvar="VAULT_SECRETS_LOG_LEVEL",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+@click.option(
+    "--log-format",
+    envvar="VAULT_SECRETS_LOG_FORMAT",
+    default="json",
+    show_default=True,
+    type=click.Choice(["json", "text"]),
+    help="One JSON object a line, or text for humans.",
+)
+def serve(
+    socket_path,
+    state_dir,
+    mount_root,
+    vault_addr,
+    vault_cacert,
+    vault_client_cert,
+    vault_client_key,
+    vault_namespace,
+    vault_timeout,
+    mount_timeout,
+    approle_mount,
+    role_id,
+    role_id_file,
+    wrapped_secret_id_file,
+    wrap_allowed_paths,
+    control_socket,
+    docker_socket,
+    metrics_addr,
+    log_level,
+    log_format,
+) -> None:
     """Serve the volume plugin protocol on a Unix socket."""
     _check_tls(vault_addr, vault_cacert, vault_client_cert, vault_client_key)
     if role_id_file is not None:
@@ -131,11 +233,20 @@ def _build_in_worker(settings: Settings):
 
 def _control_options(command):
     """--state-dir / --control-socket: how operator commands find the running plugin."""
-    command = click.option("--control-socket", type=click.Path(path_type=Path), envvar="VAULT_SECRETS_CONTROL_SOCKET",
-                           help="The running plugin's control socket.  [default: <state-dir>/control.sock]")(command)
-    return click.option("--state-dir", type=click.Path(path_type=Path), envvar="VAULT_SECRETS_STATE_DIR",
-                        default="/var/lib/vault-secrets", show_default=True,
-                        help="The running plugin's state directory.")(command)
+    command = click.option(
+        "--control-socket",
+        type=click.Path(path_type=Path),
+        envvar="VAULT_SECRETS_CONTROL_SOCKET",
+        help="The running plugin's control socket.  [default: <state-dir>/control.sock]",
+    )(command)
+    return click.option(
+        "--state-dir",
+        type=click.Path(path_type=Path),
+        envvar="VAULT_SECRETS_STATE_DIR",
+        default="/var/lib/vault-secrets",
+        show_default=True,
+        help="The running plugin's state directory.",
+    )(command)
 
 
 def _control(state_dir: Path, control_socket: Path | None, verb: str, body: dict, timeout: float = 120) -> dict:
@@ -148,8 +259,12 @@ def _control(state_dir: Path, control_socket: Path | None, verb: str, body: dict
 
 
 @main.command()
-@click.option("--wrapped-secret-id-file", type=click.File("r"), required=True,
-              help="File holding a single-use wrapping token of a new AppRole SecretID ('-' for standard input).")
+@click.option(
+    "--wrapped-secret-id-file",
+    type=click.File("r"),
+    required=True,
+    help="File holding a single-use wrapping token of a new AppRole SecretID ('-' for standard input).",
+)
 @_control_options
 def bootstrap(wrapped_secret_id_file, state_dir, control_socket) -> None:
     """Give a running plugin a new identity from a wrapped SecretID, without a restart."""
@@ -202,21 +317,33 @@ def revoke(volume, everything, yes, state_dir, control_socket) -> None:
         raise click.UsageError("give --volume NAME or --all")
     target = "every volume" if everything else f"volume {volume}"
     if not yes:
-        click.confirm(f"Revoke every token and lease issued for {target} and wipe its files in running containers?",
-                      abort=True)
+        click.confirm(
+            f"Revoke every token and lease issued for {target} and wipe its files in running containers?", abort=True
+        )
     click.echo(f"revoking what was issued for {target} ...", err=True)
     reply = _control(state_dir, control_socket, "Revoke", {"All": True} if everything else {"Volume": volume})
-    click.echo(f"revoked the tokens of {reply['mounts']} mount(s) and {reply['credentials']} volume credential(s); "
-               "their files are wiped. Containers keep running with empty volumes: restart them to mount afresh.")
+    click.echo(
+        f"revoked the tokens of {reply['mounts']} mount(s) and {reply['credentials']} volume credential(s); "
+        "their files are wiped. Containers keep running with empty volumes: restart them to mount afresh."
+    )
 
 
 def render_status(status: dict) -> str:
     """The human form of `status`: a few aligned lines per volume."""
     vault, identity = status["vault"], status["identity"]
     lines = [
-        f"vault     {vault['address']}  " + (f"reachable, {'sealed' if vault['sealed'] else 'unsealed'}, {vault['version']}"
-                                             if vault["reachable"] else f"UNREACHABLE: {vault['error']}"),
-        "identity  " + (f"{identity['accessor']}  ttl {identity['ttl']}s" if "accessor" in identity else f"NONE: {identity['error']}"),
+        f"vault     {vault['address']}  "
+        + (
+            f"reachable, {'sealed' if vault['sealed'] else 'unsealed'}, {vault['version']}"
+            if vault["reachable"]
+            else f"UNREACHABLE: {vault['error']}"
+        ),
+        "identity  "
+        + (
+            f"{identity['accessor']}  ttl {identity['ttl']}s"
+            if "accessor" in identity
+            else f"NONE: {identity['error']}"
+        ),
         "",
         f"{'VOLUME':24} {'MOUNT':14} {'AGE':>8} {'REFS':>4} {'TOKEN TTL':>10}  LEASES",
     ]
@@ -225,8 +352,10 @@ def render_status(status: dict) -> str:
             lines.append(f"{volume['name']:24} {'-':14}")
         for mount in volume["mounts"]:
             leases = ", ".join(f"{lease['source']} (ttl {lease['ttl']})" for lease in mount["leases"]) or "-"
-            lines.append(f"{volume['name']:24} {mount['mount_id'][:12]:14} {_age(mount['age']):>8} {mount['refcount']:>4} "
-                         f"{str(mount['token_ttl']):>10}  {leases}")
+            lines.append(
+                f"{volume['name']:24} {mount['mount_id'][:12]:14} {_age(mount['age']):>8} {mount['refcount']:>4} "
+                f"{str(mount['token_ttl']):>10}  {leases}"
+            )
     return "\n".join(lines)
 
 
@@ -240,12 +369,18 @@ def _age(seconds: int) -> str:
 def _check_tls(vault_addr: str, cacert: str | None, client_cert: str | None, client_key: str | None) -> None:
     """Refuse TLS settings that would be ignored or half-applied, rather than run with less than was asked."""
     if os.environ.get("VAULT_SKIP_VERIFY", "").strip().lower() not in ("", "0", "false"):
-        raise click.UsageError("VAULT_SKIP_VERIFY is set, but vault-secrets never turns off TLS verification: unset it "
-                               "and give the CA that signed Vault's certificate with --vault-cacert (VAULT_CACERT)")
+        raise click.UsageError(
+            "VAULT_SKIP_VERIFY is set, but vault-secrets never turns off TLS verification: unset it "
+            "and give the CA that signed Vault's certificate with --vault-cacert (VAULT_CACERT)"
+        )
     if bool(client_cert) != bool(client_key):
-        raise click.UsageError("give --vault-client-cert and --vault-client-key together (VAULT_CLIENT_CERT, VAULT_CLIENT_KEY)")
+        raise click.UsageError(
+            "give --vault-client-cert and --vault-client-key together (VAULT_CLIENT_CERT, VAULT_CLIENT_KEY)"
+        )
     if (cacert or client_cert) and not vault_addr.lower().startswith("https://"):
-        raise click.UsageError(f"--vault-cacert and --vault-client-cert need an https:// --vault-addr, not {vault_addr}")
+        raise click.UsageError(
+            f"--vault-cacert and --vault-client-cert need an https:// --vault-addr, not {vault_addr}"
+        )
 
 
 def _allowed_paths(raw: str) -> tuple[str, ...]:

@@ -47,8 +47,14 @@ class Service:
 def build_service(settings: Settings) -> Service:
     """Construct every component; nothing here talks to Vault."""
     store = Store(settings.database_path, Sealer.load_or_create(settings.key_path))
-    vault = Vault(settings.vault_addr, cacert=settings.vault_cacert, client_cert=settings.vault_client_cert,
-                  client_key=settings.vault_client_key, namespace=settings.vault_namespace, timeout=settings.vault_timeout)
+    vault = Vault(
+        settings.vault_addr,
+        cacert=settings.vault_cacert,
+        client_cert=settings.vault_client_cert,
+        client_key=settings.vault_client_key,
+        namespace=settings.vault_namespace,
+        timeout=settings.vault_timeout,
+    )
     identity = Identity(
         vault,
         store,
@@ -58,9 +64,18 @@ def build_service(settings: Settings) -> Service:
     )
     scheduler = Scheduler()
     docker = DockerAPI(settings.docker_socket) if settings.docker_socket else None
-    driver = Driver(store, vault, identity, TmpfsMounter(settings.mount_root), scheduler, hostname=settings.hostname,
-                    credentials=CredentialUnwrapper(vault), wrap_allowed_paths=settings.wrap_allowed_paths, notify=docker.signal if docker else None,
-                    mount_timeout=settings.mount_timeout)
+    driver = Driver(
+        store,
+        vault,
+        identity,
+        TmpfsMounter(settings.mount_root),
+        scheduler,
+        hostname=settings.hostname,
+        credentials=CredentialUnwrapper(vault),
+        wrap_allowed_paths=settings.wrap_allowed_paths,
+        notify=docker.signal if docker else None,
+        mount_timeout=settings.mount_timeout,
+    )
     MOUNTS_ACTIVE.set_function(store.count_active_mounts)
     IDENTITY_SECONDS_LEFT.set_function(identity.seconds_left)
     return Service(driver, identity, scheduler, store, vault, threading.Event(), docker)

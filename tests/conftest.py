@@ -190,9 +190,17 @@ def notified():
 
 @pytest.fixture
 def driver(store, vault, identity, mounter, scheduler, notified):
-    d = Driver(store, vault, identity, mounter, scheduler, hostname="host-a", credentials=FakeCredentials(),
-               wrap_allowed_paths=DEFAULT_ALLOWED_PATHS,
-               notify=lambda volume, signal: notified.append((volume, signal)))
+    d = Driver(
+        store,
+        vault,
+        identity,
+        mounter,
+        scheduler,
+        hostname="host-a",
+        credentials=FakeCredentials(),
+        wrap_allowed_paths=DEFAULT_ALLOWED_PATHS,
+        notify=lambda volume, signal: notified.append((volume, signal)),
+    )
     d.create("web", OPTIONS)
     return d
 
@@ -205,13 +213,24 @@ def start_plugin(bao, short_tmp):
     require_root()
     started: list[PluginProcess] = []
 
-    def start(wrapped: Path | None = None, *, vault_addr: str | None = None, wait_for: str | None = "auth",
-              extra: list[str] | None = None) -> PluginProcess:
+    def start(
+        wrapped: Path | None = None,
+        *,
+        vault_addr: str | None = None,
+        wait_for: str | None = "auth",
+        extra: list[str] | None = None,
+    ) -> PluginProcess:
         if wrapped is None and not (short_tmp / "wrapped").exists():
             wrapped = bao.write_wrapped_secret_id(short_tmp / "wrapped")
-        process = PluginProcess(short_tmp / "p.sock", short_tmp / "state", vault_addr or bao.addr,
-                                role_id=bao.seed.role_id, wrapped_secret_id_file=wrapped or short_tmp / "wrapped",
-                                log_path=short_tmp / f"plugin{len(started)}.log", extra=extra)
+        process = PluginProcess(
+            short_tmp / "p.sock",
+            short_tmp / "state",
+            vault_addr or bao.addr,
+            role_id=bao.seed.role_id,
+            wrapped_secret_id_file=wrapped or short_tmp / "wrapped",
+            log_path=short_tmp / f"plugin{len(started)}.log",
+            extra=extra,
+        )
         started.append(process)
         if wait_for:
             process.wait_until_serving()
@@ -242,8 +261,17 @@ def databases(bao, tmp_path_factory) -> Iterator[Databases]:
     pg = PostgresServer.start(tmp_path_factory.mktemp("postgres"))
     try:
         for mount, ttl, max_ttl in (("db", "1h", "24h"), ("dbshort", "4s", "12s")):
-            configure_database_engine(bao.root, pg.host, pg.port, pg.superuser, pg.password, mount=mount, role="app",
-                                      default_ttl=ttl, max_ttl=max_ttl)
+            configure_database_engine(
+                bao.root,
+                pg.host,
+                pg.port,
+                pg.superuser,
+                pg.password,
+                mount=mount,
+                role="app",
+                default_ttl=ttl,
+                max_ttl=max_ttl,
+            )
         yield Databases(pg)
     finally:
         for mount in ("db", "dbshort"):  # revokes what a failed test left, while PostgreSQL is still up
@@ -266,7 +294,11 @@ def docker(tmp_path_factory):
     """A dockerd per test module: dockerd remembers every legacy plugin it used, and asks each of them
     (retrying ~30 s on a removed socket) when looking up an unknown volume, so modules do not share one."""
     require_root()
-    require(shutil.which("dockerd") is not None or Path("/usr/sbin/dockerd").exists(), "dockerd", "apt-get install docker.io")
+    require(
+        shutil.which("dockerd") is not None or Path("/usr/sbin/dockerd").exists(),
+        "dockerd",
+        "apt-get install docker.io",
+    )
     require(Path("/bin/busybox").exists(), "busybox", "apt-get install busybox-static")
     from tests.support.dockerd import Dockerd
     from tests.support.images import build_busybox_image
@@ -284,21 +316,31 @@ def plugin(bao, docker, short_tmp, unique_name):
     """The plugin as a legacy plugin named `unique_name`: dockerd finds `<name>.sock` on first use."""
     PLUGINS_DIR.mkdir(parents=True, exist_ok=True)
     socket = PLUGINS_DIR / f"{unique_name}.sock"
-    process = PluginProcess(socket, short_tmp / "state", bao.addr, role_id=bao.seed.role_id,
-                            wrapped_secret_id_file=bao.write_wrapped_secret_id(short_tmp / "wrapped"),
-                            log_path=short_tmp / "plugin.log",
-                            extra=["--docker-socket", docker.host.removeprefix("unix://")])
+    process = PluginProcess(
+        socket,
+        short_tmp / "state",
+        bao.addr,
+        role_id=bao.seed.role_id,
+        wrapped_secret_id_file=bao.write_wrapped_secret_id(short_tmp / "wrapped"),
+        log_path=short_tmp / "plugin.log",
+        extra=["--docker-socket", docker.host.removeprefix("unix://")],
+    )
     process.name = unique_name
     process.mount_root = short_tmp / "state" / "mounts"
     try:
         yield process.wait_until_serving().wait_until_authenticated()
     finally:
-        for volume in docker.docker("volume", "ls", "-q", "--filter", f"driver={unique_name}", check=False).stdout.split():
+        for volume in docker.docker(
+            "volume", "ls", "-q", "--filter", f"driver={unique_name}", check=False
+        ).stdout.split():
             docker.docker("volume", "rm", "-f", volume, check=False)
         process.stop()
         socket.unlink(missing_ok=True)
 
 
 def live_tmpfs_below(root: Path) -> list[str]:
-    return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
-            if line.split()[4].startswith(f"{root}/")]
+    return [
+        line.split()[4]
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if line.split()[4].startswith(f"{root}/")
+    ]

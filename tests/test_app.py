@@ -94,7 +94,9 @@ def test_unexpected_errors_are_generic_and_logged(client, vault, caplog):
 
 
 def test_mount_error_names_the_secret_but_not_the_value(client, vault):
-    post(client, "VolumeDriver.Create", {"Name": "typo", "Opts": {"role": "web", "secret.pw": "secret/data/web/db#nope"}})
+    post(
+        client, "VolumeDriver.Create", {"Name": "typo", "Opts": {"role": "web", "secret.pw": "secret/data/web/db#nope"}}
+    )
     status, reply = post(client, "VolumeDriver.Mount", {"Name": "typo", "ID": "a1"})
     assert status == 500 and "secret/data/web/db" in reply["Err"] and "nope" in reply["Err"]
     assert "hunter2" not in reply["Err"] and "child-token" not in reply["Err"]

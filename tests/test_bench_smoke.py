@@ -20,13 +20,24 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_bench_quick_run_produces_every_figure(tmp_path):
     require_root()
     require_postgres()
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--output", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--output", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((tmp_path / "latest.json").read_text())
     assert set(results["verdicts"]) == {
-        "docker_run_ratio", "mount_kv5_p50_ms", "mount_kv5_p99_ms", "agent_over_mount", "throughput_errors",
-        "throughput_leaked_tokens", "memory_idle_mb", "memory_per_mount_kb"}
+        "docker_run_ratio",
+        "mount_kv5_p50_ms",
+        "mount_kv5_p99_ms",
+        "agent_over_mount",
+        "throughput_errors",
+        "throughput_leaked_tokens",
+        "memory_idle_mb",
+        "memory_per_mount_kb",
+    }
     assert results["throughput"]["errors"] == 0 and results["throughput"]["leaked_tokens"] == 0
     # The mint, the extension of the provisional token once recorded, and one read per secret.
     assert results["mount"]["kv5"]["vault_requests_per_mount"] == {"mint": 1, "renew_token": 1, "read": 5}

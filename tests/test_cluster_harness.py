@@ -35,13 +35,15 @@ def cluster(request, tmp_path) -> OpenBaoCluster:
 
 
 def _read_db(client: hvac.Client) -> dict:
-    return client.secrets.kv.v2.read_secret_version(path="web/db", mount_point="secret",
-                                                    raise_on_deleted_version=True)["data"]["data"]
+    return client.secrets.kv.v2.read_secret_version(path="web/db", mount_point="secret", raise_on_deleted_version=True)[
+        "data"
+    ]["data"]
 
 
 def _write_probe(client: hvac.Client) -> None:
-    client.secrets.kv.v2.create_or_update_secret(path="failover/probe", secret={"at": str(time.time())},
-                                                 mount_point="secret")
+    client.secrets.kv.v2.create_or_update_secret(
+        path="failover/probe", secret={"at": str(time.time())}, mount_point="secret"
+    )
 
 
 def _outcome(action) -> str | None:
@@ -119,8 +121,10 @@ def test_three_voters_survive_a_sigkill_of_the_leader(cluster):
     print(f"killed {leader.node_id}; {new_leader.node_id} leads and takes writes {elected_after:.2f}s later")
     for probe in probes:
         role = "the new leader" if probe.node is new_leader else "still a standby"
-        print(f"through {probe.node.node_id} ({role}, {probe.reads} reads): "
-              + ", ".join(f"{kind} ok from {at:.2f}s on" for kind, at in sorted(probe.ok_since.items())))
+        print(
+            f"through {probe.node.node_id} ({role}, {probe.reads} reads): "
+            + ", ".join(f"{kind} ok from {at:.2f}s on" for kind, at in sorted(probe.ok_since.items()))
+        )
         for (kind, failure), at in sorted(probe.failures.items(), key=lambda item: item[1]):
             print(f"    {kind} failed from {at:.2f}s: {failure}")
     for probe in probes:

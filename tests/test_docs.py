@@ -29,7 +29,9 @@ def test_every_volume_option_is_in_the_options_reference():
 
 def test_every_serve_flag_is_in_the_setup_table_and_back():
     documented = set(re.findall(r"^\| `(--[a-z-]+)`", DOCS["setup.md"], re.M))
-    documented |= {flag for pair in re.findall(r"^\| `(--[a-z-]+)` / `(--[a-z-]+)`", DOCS["setup.md"], re.M) for flag in pair}
+    documented |= {
+        flag for pair in re.findall(r"^\| `(--[a-z-]+)` / `(--[a-z-]+)`", DOCS["setup.md"], re.M) for flag in pair
+    }
     flags = {opt for param in cli.serve.params for opt in param.opts if opt.startswith("--")}
     assert flags - documented == set(), "serve flags missing from docs/setup.md"
     assert documented - flags == set(), "docs/setup.md documents flags serve does not have"
@@ -44,14 +46,18 @@ def test_every_documented_command_exists():
 
 
 def test_metrics_table_matches_the_metrics():
-    documented = {name.removesuffix("_total") for name in re.findall(r"^\| `(vault_secrets_[a-z_]+)", DOCS["operations.md"], re.M)}
+    documented = {
+        name.removesuffix("_total") for name in re.findall(r"^\| `(vault_secrets_[a-z_]+)", DOCS["operations.md"], re.M)
+    }
     # prometheus_client keeps a counter's name without its _total suffix.
     defined = {m._name for m in vars(metrics).values() if hasattr(m, "_name") and hasattr(m, "collect")}
     assert documented == defined
 
 
 def test_audit_events_table_matches_the_events_the_code_emits():
-    documented = set(re.findall(r"`([a-z]+\.[a-z]+|mount|unmount)`", DOCS["operations.md"].split("| event |")[1].split("\n\n")[0]))
+    documented = set(
+        re.findall(r"`([a-z]+\.[a-z]+|mount|unmount)`", DOCS["operations.md"].split("| event |")[1].split("\n\n")[0])
+    )
     emitted = set(re.findall(r'"event": "([a-z.]+)"', SOURCE))
     assert documented == emitted
 
@@ -76,6 +82,6 @@ def _volume_examples():
 
 @pytest.mark.parametrize("line", list(_volume_examples()))
 def test_docker_volume_create_examples_are_valid_volumes(line):
-    words = shlex.split(line[line.index("docker volume create"):])
+    words = shlex.split(line[line.index("docker volume create") :])
     options = dict(words[i + 1].split("=", 1) for i, w in enumerate(words) if w == "-o")
     parse_spec(options)

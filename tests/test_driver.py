@@ -153,8 +153,16 @@ def test_revocation_owed_when_vault_is_down_is_retried(driver, vault, mounter, s
 def test_state_survives_a_new_driver_which_can_unmount_and_revoke(driver, store, vault, identity, mounter, clock):
     path = driver.mount("web", "a1")
     scheduler = Scheduler(clock=clock)
-    restarted = Driver(store, vault, identity, mounter, scheduler, hostname="host-a", credentials=FakeCredentials(),
-                       wrap_allowed_paths=DEFAULT_ALLOWED_PATHS)
+    restarted = Driver(
+        store,
+        vault,
+        identity,
+        mounter,
+        scheduler,
+        hostname="host-a",
+        credentials=FakeCredentials(),
+        wrap_allowed_paths=DEFAULT_ALLOWED_PATHS,
+    )
     restarted.reconcile()  # the tmpfs is still there: nothing to clean, its token is renewed at once
     scheduler.run_due()
     assert vault.renewed == ["acc-1"]
@@ -237,11 +245,19 @@ def test_a_role_whose_tokens_cannot_be_renewed_gets_its_token_minted_at_full_ttl
     assert list(vault.live) == ["child-token-2"], "the provisional token was revoked"
 
 
-DB = {"role": "web", "secret.user": "database/creds/app#username", "secret.pass": "database/creds/app#password",
-      "template.dsn": 'postgresql://{{ secret("database/creds/app").username }}@db', "refresh": "0", "rotate-grace": "30s"}
+DB = {
+    "role": "web",
+    "secret.user": "database/creds/app#username",
+    "secret.pass": "database/creds/app#password",
+    "template.dsn": 'postgresql://{{ secret("database/creds/app").username }}@db',
+    "refresh": "0",
+    "rotate-grace": "30s",
+}
 
 
-def test_files_from_one_dynamic_source_share_one_lease_which_dies_with_the_mount(driver, vault, mounter, store, scheduler, clock):
+def test_files_from_one_dynamic_source_share_one_lease_which_dies_with_the_mount(
+    driver, vault, mounter, store, scheduler, clock
+):
     vault.dynamic["database/creds/app"] = 600
     driver.create("db", DB)
     driver.mount("db", "a1")
@@ -257,7 +273,9 @@ def test_files_from_one_dynamic_source_share_one_lease_which_dies_with_the_mount
     assert len(scheduler) == 0
 
 
-def test_lease_is_renewed_then_reissued_at_max_ttl_and_old_lease_revoked_after_grace(driver, vault, mounter, scheduler, clock, notified):
+def test_lease_is_renewed_then_reissued_at_max_ttl_and_old_lease_revoked_after_grace(
+    driver, vault, mounter, scheduler, clock, notified
+):
     vault.dynamic["database/creds/app"] = 600
     vault.lease_renewal_ttl = 600
     driver.create("db", {**DB, "notify": "HUP"})
@@ -274,7 +292,9 @@ def test_lease_is_renewed_then_reissued_at_max_ttl_and_old_lease_revoked_after_g
     files = mounter.mounted[("db", "a1")]["files"]
     assert files["user"] == b"user-3" and files["dsn"] == b"postgresql://user-3@db"
     assert notified == [("db", "SIGHUP")]
-    assert set(vault.leases) == {"database/creds/app/lease-2", "database/creds/app/lease-3"}, "old lease kept for the grace"
+    assert set(vault.leases) == {"database/creds/app/lease-2", "database/creds/app/lease-3"}, (
+        "old lease kept for the grace"
+    )
     clock.advance(30)
     scheduler.run_due()
     assert set(vault.leases) == {"database/creds/app/lease-3"}

@@ -13,8 +13,13 @@ from tests.support.plugin import held_tokens
 
 pytestmark = [pytest.mark.docker, pytest.mark.openbao]
 
+
 def create_volume(docker, plugin, name, *options):
-    opts = [a for o in ("role=web", "secret.db_password=secret/data/web/db#password", "uid=1000", *options) for a in ("-o", o)]
+    opts = [
+        a
+        for o in ("role=web", "secret.db_password=secret/data/web/db#password", "uid=1000", *options)
+        for a in ("-o", o)
+    ]
     docker.docker("volume", "create", "-d", plugin.name, *opts, name)
 
 
@@ -24,15 +29,36 @@ def run(docker, *args, check=True):
 
 def test_non_root_container_reads_its_secret_and_cannot_write(docker, plugin, bao, unique_name):
     create_volume(docker, plugin, unique_name)
-    out = run(docker, "--user", "1000", "-v", f"{unique_name}:/run/secrets:ro", docker.image,
-              "sh", "-c", "id -u; cat /run/secrets/db_password; echo; stat -c '%u %a' /run/secrets/db_password")
+    out = run(
+        docker,
+        "--user",
+        "1000",
+        "-v",
+        f"{unique_name}:/run/secrets:ro",
+        docker.image,
+        "sh",
+        "-c",
+        "id -u; cat /run/secrets/db_password; echo; stat -c '%u %a' /run/secrets/db_password",
+    )
     assert out.stdout.split() == ["1000", SECRET, "1000", "400"]
     # Without :ro and even as root inside the container, the volume stays read-only.
     for user in ("1000", "0"):
-        denied = run(docker, "--user", user, "-v", f"{unique_name}:/run/secrets", docker.image,
-                     "sh", "-c", "echo x > /run/secrets/db_password", check=False)
+        denied = run(
+            docker,
+            "--user",
+            user,
+            "-v",
+            f"{unique_name}:/run/secrets",
+            docker.image,
+            "sh",
+            "-c",
+            "echo x > /run/secrets/db_password",
+            check=False,
+        )
         assert denied.returncode != 0 and "Read-only file system" in denied.stderr
-    other_user = run(docker, "--user", "2000", "-v", f"{unique_name}:/s", docker.image, "cat", "/s/db_password", check=False)
+    other_user = run(
+        docker, "--user", "2000", "-v", f"{unique_name}:/s", docker.image, "cat", "/s/db_password", check=False
+    )
     assert other_user.returncode != 0 and "Permission denied" in other_user.stderr
     assert live_tmpfs_below(plugin.mount_root) == []
     assert bao.accessors_with_meta(volume=unique_name) == []
@@ -41,8 +67,19 @@ def test_non_root_container_reads_its_secret_and_cannot_write(docker, plugin, ba
 def test_two_containers_get_separate_tmpfs_and_tokens_revoked_at_exit(docker, plugin, bao, unique_name):
     create_volume(docker, plugin, unique_name)
     containers = [
-        docker.docker("run", "-d", "--network", "none", "--user", "1000", "-v", f"{unique_name}:/run/secrets:ro",
-                      docker.image, "sleep", "60").stdout.strip()
+        docker.docker(
+            "run",
+            "-d",
+            "--network",
+            "none",
+            "--user",
+            "1000",
+            "-v",
+            f"{unique_name}:/run/secrets:ro",
+            docker.image,
+            "sleep",
+            "60",
+        ).stdout.strip()
         for _ in range(2)
     ]
     try:
@@ -75,28 +112,69 @@ def test_mount_failure_reaches_docker_run_as_a_clear_error(docker, plugin, bao, 
 
 
 def test_bad_options_are_refused_at_create(docker, plugin, unique_name):
-    refused = docker.docker("volume", "create", "-d", plugin.name, "-o", "role=web", "-o", "secret.../x=a/b", unique_name, check=False)
+    refused = docker.docker(
+        "volume", "create", "-d", plugin.name, "-o", "role=web", "-o", "secret.../x=a/b", unique_name, check=False
+    )
     assert refused.returncode != 0 and "one path component" in refused.stderr
 
 
 def test_wrapped_token_volume_and_tamper_through_the_docker_cli(docker, plugin, bao, unique_name):
     bao.root.sys.create_or_update_policy("minter", 'path "auth/token/create" { capabilities = ["update"] }\n')
     wrapping = bao.root.auth.token.create(policies=["web", "minter"], ttl="1h", wrap_ttl="5m")["wrap_info"]["token"]
-    docker.docker("volume", "create", "-d", plugin.name, "-o", f"wrapped-token={wrapping}", "-o", "uid=1000",
-                  "-o", "secret.db_password=secret/data/web/db#password", unique_name)
-    out = run(docker, "--user", "1000", "-v", f"{unique_name}:/run/secrets:ro", docker.image, "cat", "/run/secrets/db_password")
+    docker.docker(
+        "volume",
+        "create",
+        "-d",
+        plugin.name,
+        "-o",
+        f"wrapped-token={wrapping}",
+        "-o",
+        "uid=1000",
+        "-o",
+        "secret.db_password=secret/data/web/db#password",
+        unique_name,
+    )
+    out = run(
+        docker,
+        "--user",
+        "1000",
+        "-v",
+        f"{unique_name}:/run/secrets:ro",
+        docker.image,
+        "cat",
+        "/run/secrets/db_password",
+    )
     assert out.stdout == SECRET
     stolen = bao.root.auth.token.create(policies=["web"], ttl="1h", wrap_ttl="5m")["wrap_info"]["token"]
     bao.root.sys.unwrap(stolen)
-    refused = docker.docker("volume", "create", "-d", plugin.name, "-o", f"wrapped-token={stolen}",
-                            "-o", "secret.x=secret/data/web/db#password", f"{unique_name}-t", check=False)
+    refused = docker.docker(
+        "volume",
+        "create",
+        "-d",
+        plugin.name,
+        "-o",
+        f"wrapped-token={stolen}",
+        "-o",
+        "secret.x=secret/data/web/db#password",
+        f"{unique_name}-t",
+        check=False,
+    )
     assert refused.returncode != 0 and "possible interception" in refused.stderr
     assert "wrap.tamper" in plugin.log()
 
 
 def test_token_file_reaches_the_container_and_no_token_is_left_in_state(docker, plugin, bao, unique_name):
     create_volume(docker, plugin, unique_name, "token-file=vault-token")
-    out = run(docker, "--user", "1000", "-v", f"{unique_name}:/run/secrets:ro", docker.image, "cat", "/run/secrets/vault-token")
+    out = run(
+        docker,
+        "--user",
+        "1000",
+        "-v",
+        f"{unique_name}:/run/secrets:ro",
+        docker.image,
+        "cat",
+        "/run/secrets/vault-token",
+    )
     wrapping = out.stdout
     assert bao.wrapping_lookup(wrapping)["creation_path"] == "auth/token/create/web"
     # The container has exited: the token inside the wrapping was revoked with its mount.
@@ -108,12 +186,27 @@ def test_token_file_reaches_the_container_and_no_token_is_left_in_state(docker, 
         assert token.encode() not in state_bytes
 
 
-def test_a_restart_always_container_is_running_again_with_its_secrets_after_dockerd_restarts(docker, plugin, bao, unique_name):
+def test_a_restart_always_container_is_running_again_with_its_secrets_after_dockerd_restarts(
+    docker, plugin, bao, unique_name
+):
     """dockerd restores `--restart always` containers right after it finds their plugins, and gives up on a
     container whose Mount fails then: the Mount must succeed the first time."""
     create_volume(docker, plugin, unique_name)
-    container = docker.docker("run", "-d", "--restart", "always", "--network", "none", "--user", "1000",
-                              "-v", f"{unique_name}:/run/secrets:ro", docker.image, "sleep", "600").stdout.strip()
+    container = docker.docker(
+        "run",
+        "-d",
+        "--restart",
+        "always",
+        "--network",
+        "none",
+        "--user",
+        "1000",
+        "-v",
+        f"{unique_name}:/run/secrets:ro",
+        docker.image,
+        "sleep",
+        "600",
+    ).stdout.strip()
     try:
         assert docker.docker("exec", container, "cat", "/run/secrets/db_password").stdout == SECRET
         docker.restart()

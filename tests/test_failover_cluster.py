@@ -43,8 +43,14 @@ def test_leader_killed_during_a_stream_of_mounts_through_a_standby(cluster, shor
     standby = cluster.standby()
     wrapped = short_tmp / "wrapped"
     wrapped.write_text(wrapped_secret_id(cluster.client()))
-    plugin = PluginProcess(short_tmp / "p.sock", short_tmp / "state", standby.addr, role_id=seed.role_id,
-                           wrapped_secret_id_file=wrapped, log_path=short_tmp / "plugin.log")
+    plugin = PluginProcess(
+        short_tmp / "p.sock",
+        short_tmp / "state",
+        standby.addr,
+        role_id=seed.role_id,
+        wrapped_secret_id_file=wrapped,
+        log_path=short_tmp / "plugin.log",
+    )
     try:
         plugin.wait_until_serving().wait_until_authenticated(timeout=30)
         client = plugin.client
@@ -68,7 +74,9 @@ def test_leader_killed_during_a_stream_of_mounts_through_a_standby(cluster, shor
                 error = "" if status == 200 and not reply.get("Err") else reply.get("Err", str(status))
                 if not error:
                     error = "" if Path(reply["Mountpoint"], "pw").read_text() == SECRET else "wrong content"
-                    [(accessor,)] = _query(plugin.state_dir, "SELECT accessor FROM mounts WHERE mount_id = ?", (mount_id,))
+                    [(accessor,)] = _query(
+                        plugin.state_dir, "SELECT accessor FROM mounts WHERE mount_id = ?", (mount_id,)
+                    )
                     accessors.append(accessor)
                     unmount_started = time.monotonic()
                     unmounted = client.call("VolumeDriver.Unmount", {"Name": "ha", "ID": mount_id})
@@ -92,7 +100,9 @@ def test_leader_killed_during_a_stream_of_mounts_through_a_standby(cluster, shor
         latencies = [seconds for _, seconds, _ in results]
         assert max(latencies) < 15, f"the slowest Mount took {max(latencies):.1f}s"
         assert max(unmount_seconds) < 15, f"the slowest Unmount took {max(unmount_seconds):.1f}s"
-        across = [seconds for start, seconds, _ in results if start + seconds >= killed_at and start <= killed_at + AFTER]
+        across = [
+            seconds for start, seconds, _ in results if start + seconds >= killed_at and start <= killed_at + AFTER
+        ]
         before = [seconds for start, seconds, _ in results if start + seconds < killed_at]
 
         view = VaultView(cluster.client(new_leader))
@@ -108,10 +118,12 @@ def test_leader_killed_during_a_stream_of_mounts_through_a_standby(cluster, shor
 
         retries = plugin.log().count("failed, retrying in")
         slow = [(round(start - killed_at, 1), round(seconds, 1)) for start, seconds, _ in results if seconds > 1]
-        print(f"\n{len(results)} Mounts, {len(failed)} failed; before the kill p50 {statistics.median(before) * 1000:.0f} ms; "
-              f"across it max {max(across):.2f}s, slow ones (start after kill, seconds) {slow}; Unmounts max "
-              f"{max(unmount_seconds):.2f}s; {retries} Vault "
-              f"retries logged; {len(strays)} provisional token(s) of lost answers; new leader {new_leader.node_id} (killed {leader.node_id}, plugin on {standby.node_id})")
+        print(
+            f"\n{len(results)} Mounts, {len(failed)} failed; before the kill p50 {statistics.median(before) * 1000:.0f} ms; "
+            f"across it max {max(across):.2f}s, slow ones (start after kill, seconds) {slow}; Unmounts max "
+            f"{max(unmount_seconds):.2f}s; {retries} Vault "
+            f"retries logged; {len(strays)} provisional token(s) of lost answers; new leader {new_leader.node_id} (killed {leader.node_id}, plugin on {standby.node_id})"
+        )
     finally:
         plugin.stop()
 

@@ -36,9 +36,12 @@ def approle(bao) -> str:
         'path "auth/token/create/web" { capabilities = ["update"] }\n'
         'path "auth/token/create/periodic" { capabilities = ["update"] }\n',
     )
-    bao.root.write_data("auth/token/roles/periodic", data={"allowed_policies": "web", "renewable": True, "token_period": "8s"})
-    bao.root.auth.approle.create_or_update_approle(APPROLE, token_policies=[APPROLE], token_period=f"{IDENTITY_PERIOD}s",
-                                                   secret_id_num_uses=1, secret_id_ttl="1h")
+    bao.root.write_data(
+        "auth/token/roles/periodic", data={"allowed_policies": "web", "renewable": True, "token_period": "8s"}
+    )
+    bao.root.auth.approle.create_or_update_approle(
+        APPROLE, token_policies=[APPROLE], token_period=f"{IDENTITY_PERIOD}s", secret_id_num_uses=1, secret_id_ttl="1h"
+    )
     return bao.root.auth.approle.read_role_id(APPROLE)["data"]["role_id"]
 
 
@@ -65,9 +68,15 @@ class Plugin:
     def start(self, *, authenticated: bool = True, extra: tuple[str, ...] = ()) -> PluginProcess:
         if not self.wrapped.exists():
             self.write_wrapped_secret_id()
-        process = PluginProcess(self.workdir / "p.sock", self.state_dir, self.proxy.addr, role_id=self.role_id,
-                                wrapped_secret_id_file=self.wrapped, log_path=self.workdir / f"plugin{len(self.processes)}.log",
-                                extra=["--vault-timeout", "2", *extra])
+        process = PluginProcess(
+            self.workdir / "p.sock",
+            self.state_dir,
+            self.proxy.addr,
+            role_id=self.role_id,
+            wrapped_secret_id_file=self.wrapped,
+            log_path=self.workdir / f"plugin{len(self.processes)}.log",
+            extra=["--vault-timeout", "2", *extra],
+        )
         self.processes.append(process)
         process.wait_until_serving()
         return process.wait_until_authenticated(timeout=30) if authenticated else process
@@ -132,15 +141,21 @@ def test_transient_errors_on_the_wrapped_secret_id_are_retried_and_no_tamper_eve
     assert "wrap.tamper" not in process.log() and process.process.poll() is None
     assert state_query(plugin.state_dir, "SELECT COUNT(*) FROM pending_secret_id") == [(0,)]
     process.client.ok("VolumeDriver.Create", {"Name": "w", "Opts": OPTIONS})
-    assert Path(process.client.ok("VolumeDriver.Mount", {"Name": "w", "ID": "bb01"})["Mountpoint"], "pw").read_text() == SECRET
+    assert (
+        Path(process.client.ok("VolumeDriver.Mount", {"Name": "w", "ID": "bb01"})["Mountpoint"], "pw").read_text()
+        == SECRET
+    )
     process.client.ok("VolumeDriver.Unmount", {"Name": "w", "ID": "bb01"})
 
 
 def test_a_secret_id_kept_sealed_survives_a_restart_before_its_login(plugin, proxy):
     proxy.fail("/v1/auth/approle/login", 503, for_seconds=600)
     first = plugin.start(authenticated=False)
-    wait_for(lambda: state_query(plugin.state_dir, "SELECT COUNT(*) FROM pending_secret_id") == [(1,)], 20,
-             "the unwrapped SecretID to be kept")
+    wait_for(
+        lambda: state_query(plugin.state_dir, "SELECT COUNT(*) FROM pending_secret_id") == [(1,)],
+        20,
+        "the unwrapped SecretID to be kept",
+    )
     first.stop()
     proxy.clear()
     second = plugin.start()  # the wrapping token is spent: only the sealed SecretID can log in
@@ -160,7 +175,10 @@ def test_an_unwrap_whose_answer_was_lost_is_no_tamper_and_bootstrap_recovers(plu
     token = plugin.write_wrapped_secret_id()
     result = _run_cli("bootstrap", "--wrapped-secret-id-file", "-", "--state-dir", str(plugin.state_dir), stdin=token)
     assert result.returncode == 0, result.stderr
-    assert Path(process.client.ok("VolumeDriver.Mount", {"Name": "lost", "ID": "cc02"})["Mountpoint"], "pw").read_text() == SECRET
+    assert (
+        Path(process.client.ok("VolumeDriver.Mount", {"Name": "lost", "ID": "cc02"})["Mountpoint"], "pw").read_text()
+        == SECRET
+    )
     process.client.ok("VolumeDriver.Unmount", {"Name": "lost", "ID": "cc02"})
 
 
@@ -180,7 +198,9 @@ def test_a_final_error_fails_the_mount_at_once_and_leaves_nothing(plugin, proxy,
     process = plugin.start()
     process.client.ok("VolumeDriver.Create", {"Name": "denied", "Opts": OPTIONS})
     proxy.fail("/v1/secret/data/web/db", 403, times=5)
-    (status, reply), seconds = timed(lambda: process.client.call("VolumeDriver.Mount", {"Name": "denied", "ID": "ee01"}))
+    (status, reply), seconds = timed(
+        lambda: process.client.call("VolumeDriver.Mount", {"Name": "denied", "ID": "ee01"})
+    )
     assert status == 500 and "denied permission to read secret/data/web/db" in reply["Err"]
     assert seconds < 2
     assert [s.action for s in proxy.seen("/v1/secret/data/web/db")] == ["failed 403"], "a final answer is not retried"
@@ -190,7 +210,9 @@ def test_a_final_error_fails_the_mount_at_once_and_leaves_nothing(plugin, proxy,
 
 def test_the_first_mount_right_after_activate_waits_for_the_identity(plugin, proxy):
     """dockerd mounts the moment a plugin answers (at boot, for --restart always containers); it does not retry."""
-    proxy.delay("/v1/auth/approle/login", 1.5, times=1)  # under --vault-timeout: a lost login answer spends the SecretID
+    proxy.delay(
+        "/v1/auth/approle/login", 1.5, times=1
+    )  # under --vault-timeout: a lost login answer spends the SecretID
     process = plugin.start(authenticated=False)
     process.client.ok("VolumeDriver.Create", {"Name": "boot", "Opts": OPTIONS})
     reply, seconds = timed(lambda: process.client.ok("VolumeDriver.Mount", {"Name": "boot", "ID": "ff01"}))

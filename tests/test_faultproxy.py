@@ -104,18 +104,29 @@ def test_fail_twice_then_the_third_write_reaches_the_server(proxy, client):
     assert written["data"]["version"] == 1  # the failed attempts never reached the server
     assert read_kv(direct, path)["data"] == {"attempt": "2"}
     assert [(s.action, s.status, s.upstream) for s in proxy.seen()] == [
-        ("failed 500", 500, None), ("failed 500", 500, None), ("forwarded", 200, 200)]
+        ("failed 500", 500, None),
+        ("failed 500", 500, None),
+        ("forwarded", 200, 200),
+    ]
 
 
-@pytest.mark.parametrize(("status", "message", "raises", "errors"), [
-    (500, None, hvac.exceptions.InternalServerError, ["local node not active but active cluster node not found"]),
-    (503, None, hvac.exceptions.VaultDown, ["Vault is sealed"]),
-    (429, None, hvac.exceptions.RateLimitExceeded, ['request path "secret/data/fp/status": rate limit quota exceeded']),
-    (412, None, hvac.exceptions.UnexpectedError, ["required index state not present"]),
-    (403, None, hvac.exceptions.Forbidden, ["permission denied"]),
-    (404, None, hvac.exceptions.InvalidPath, []),
-    (502, "upstream connect error", hvac.exceptions.BadGateway, ["upstream connect error"]),
-])
+@pytest.mark.parametrize(
+    ("status", "message", "raises", "errors"),
+    [
+        (500, None, hvac.exceptions.InternalServerError, ["local node not active but active cluster node not found"]),
+        (503, None, hvac.exceptions.VaultDown, ["Vault is sealed"]),
+        (
+            429,
+            None,
+            hvac.exceptions.RateLimitExceeded,
+            ['request path "secret/data/fp/status": rate limit quota exceeded'],
+        ),
+        (412, None, hvac.exceptions.UnexpectedError, ["required index state not present"]),
+        (403, None, hvac.exceptions.Forbidden, ["permission denied"]),
+        (404, None, hvac.exceptions.InvalidPath, []),
+        (502, "upstream connect error", hvac.exceptions.BadGateway, ["upstream connect error"]),
+    ],
+)
 def test_failures_read_as_vault_errors(proxy, client, session, status, message, raises, errors):
     proxy.fail("/v1/secret/data/fp/status", status=status, message=message, times=2)
     with pytest.raises(raises) as raised:
@@ -209,11 +220,18 @@ def test_rules_match_on_method_and_exact_or_prefix_path_first_live_rule_first(pr
     assert session.request("LIST", f"{v1}/secret/metadata/{folder}").status_code == 200  # all used up
 
     assert [(s.method, s.action) for s in proxy.seen("/v1/secret/*")] == [
-        ("GET", "forwarded"), ("POST", "failed 403"), ("GET", "forwarded"),
-        ("LIST", "failed 500"), ("LIST", "failed 503"), ("GET", "failed 503"), ("LIST", "forwarded")]
+        ("GET", "forwarded"),
+        ("POST", "failed 403"),
+        ("GET", "forwarded"),
+        ("LIST", "failed 500"),
+        ("LIST", "failed 503"),
+        ("GET", "failed 503"),
+        ("LIST", "forwarded"),
+    ]
     assert [s.path for s in proxy.seen(method="post")] == [f"/v1/secret/data/{path}", "/v1/sys/capabilities-self"]
     assert proxy.seen(f"/v1/secret/metadata/{folder}", method="LIST")[0] == Seen(
-        "LIST", f"/v1/secret/metadata/{folder}", "failed 500", 500, None)
+        "LIST", f"/v1/secret/metadata/{folder}", "failed 500", 500, None
+    )
 
 
 def test_keeps_client_connections_alive_and_serves_many_at_once(proxy, server):
@@ -232,8 +250,7 @@ def test_keeps_client_connections_alive_and_serves_many_at_once(proxy, server):
     def reads(_: int) -> list[int]:
         with requests.Session() as session:
             session.headers["X-Vault-Token"] = server.root_token
-            return [session.get(f"{proxy.addr}/v1/auth/token/lookup-self", timeout=10).status_code
-                    for _ in range(8)]
+            return [session.get(f"{proxy.addr}/v1/auth/token/lookup-self", timeout=10).status_code for _ in range(8)]
 
     with ThreadPoolExecutor(12) as pool:
         statuses = [status for each in pool.map(reads, range(12)) for status in each]

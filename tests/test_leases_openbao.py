@@ -59,33 +59,53 @@ def test_pki_certificate_and_key_from_one_issue_request(start_plugin, bao):
     if "pki/" not in bao.root.sys.list_mounted_secrets_engines()["data"]:
         bao.root.sys.enable_secrets_engine("pki", config={"max_lease_ttl": "48h"})
         bao.root.write_data("pki/root/generate/internal", data={"common_name": "vault-secrets test CA", "ttl": "48h"})
-        bao.root.write_data("pki/roles/web", data={"allowed_domains": "internal", "allow_subdomains": True, "max_ttl": "24h"})
+        bao.root.write_data(
+            "pki/roles/web", data={"allowed_domains": "internal", "allow_subdomains": True, "max_ttl": "24h"}
+        )
         bao.root.sys.create_or_update_policy("pki-web", 'path "pki/issue/web" { capabilities = ["update"] }\n')
         bao.root.write_data("auth/token/roles/pki", data={"allowed_policies": "pki-web"})
         bao.root.sys.create_or_update_policy(
             "vault-secrets-plugin",
-            bao.root.sys.read_policy("vault-secrets-plugin")["data"]["rules"] + 'path "auth/token/create/pki" { capabilities = ["update"] }\n',
+            bao.root.sys.read_policy("vault-secrets-plugin")["data"]["rules"]
+            + 'path "auth/token/create/pki" { capabilities = ["update"] }\n',
         )
     plugin = start_plugin()
     source = "pki/issue/web?common_name=web.internal&ttl=1h"
-    plugin.client.ok("VolumeDriver.Create", {"Name": "tls", "Opts": {
-        "role": "pki", "secret.tls.crt": source, "format.tls.crt": "pem", "secret.tls.key": f"{source}#private_key"}})
+    plugin.client.ok(
+        "VolumeDriver.Create",
+        {
+            "Name": "tls",
+            "Opts": {
+                "role": "pki",
+                "secret.tls.crt": source,
+                "format.tls.crt": "pem",
+                "secret.tls.key": f"{source}#private_key",
+            },
+        },
+    )
     view = plugin.client.ok("VolumeDriver.Mount", {"Name": "tls", "ID": MOUNT_ID})["Mountpoint"]
     chain = x509.load_pem_x509_certificates(Path(view, "tls.crt").read_bytes())
     assert chain[0].subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == "web.internal"
     assert chain[1].subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == "vault-secrets test CA"
     key = serialization.load_pem_private_key(Path(view, "tls.key").read_bytes(), password=None)
-    assert key.public_key().public_numbers() == chain[0].public_key().public_numbers(), "key and certificate from one request"
+    assert key.public_key().public_numbers() == chain[0].public_key().public_numbers(), (
+        "key and certificate from one request"
+    )
     plugin.client.ok("VolumeDriver.Unmount", {"Name": "tls", "ID": MOUNT_ID})
 
 
 def test_short_lease_is_renewed_then_reissued_at_max_ttl_with_files_swapped(start_plugin, bao, databases):
     plugin = start_plugin()
-    plugin.client.ok("VolumeDriver.Create", {"Name": "short", "Opts": db_options("dbshort", **{"rotate-grace": "2s", "refresh": "0"})})
+    plugin.client.ok(
+        "VolumeDriver.Create",
+        {"Name": "short", "Opts": db_options("dbshort", **{"rotate-grace": "2s", "refresh": "0"})},
+    )
     view = plugin.client.ok("VolumeDriver.Mount", {"Name": "short", "ID": MOUNT_ID})["Mountpoint"]
     first = read(view, "username")
     [lease] = bao.root.list("sys/leases/lookup/dbshort/creds/app")["data"]["keys"]
-    wait_for(lambda: bao.root.sys.read_lease(f"dbshort/creds/app/{lease}")["data"]["last_renewal"], 6, "a lease renewal")
+    wait_for(
+        lambda: bao.root.sys.read_lease(f"dbshort/creds/app/{lease}")["data"]["last_renewal"], 6, "a lease renewal"
+    )
     second = wait_for(lambda: read(view, "username") != first and read(view, "username"), 15, "a re-issued credential")
     assert read(view, "dsn") == f"postgresql://{second}@127.0.0.1/postgres"
     assert databases.pg.can_login(second, read(view, "password"))
@@ -98,8 +118,10 @@ def test_short_lease_is_renewed_then_reissued_at_max_ttl_with_files_swapped(star
 def test_refresh_picks_up_a_new_kv_version(start_plugin, bao):
     bao.root.secrets.kv.v2.create_or_update_secret(path="web/rotating", secret={"password": "one"})
     plugin = start_plugin()
-    plugin.client.ok("VolumeDriver.Create", {"Name": "kv", "Opts": {
-        "role": "web", "secret.pw": "secret/data/web/rotating#password", "refresh": "1s"}})
+    plugin.client.ok(
+        "VolumeDriver.Create",
+        {"Name": "kv", "Opts": {"role": "web", "secret.pw": "secret/data/web/rotating#password", "refresh": "1s"}},
+    )
     view = plugin.client.ok("VolumeDriver.Mount", {"Name": "kv", "ID": MOUNT_ID})["Mountpoint"]
     assert read(view, "pw") == "one"
     bao.root.secrets.kv.v2.create_or_update_secret(path="web/rotating", secret={"password": "two"})

@@ -35,7 +35,7 @@ WEB = """
 
 # Values a shell, a heredoc or `bao kv put` could mangle; `$$` is compose's escape of `$`.
 NASTY = {
-    "DB_PASSWORD": "it's a \"quoted\" pa$$word \\ with spaces",
+    "DB_PASSWORD": 'it\'s a "quoted" pa$$word \\ with spaces',
     "TLS_PRIVATE_KEY": "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----\n",
     "API_TOKEN": "@not-a-file",
     "SESSION_SECRET": "-",
@@ -76,24 +76,45 @@ def kv_json(script: str) -> list[dict]:
 def test_mapping_environment_secrets_move_to_a_volume_read_through_file_variables(tmp_path):
     compose, script = split(run(tmp_path, WEB))
     web = compose["services"]["web"]
-    assert web["environment"] == {"LOG_LEVEL": "info", "DB_PASSWORD_FILE": "/run/secrets/db_password",
-                                  "API_TOKEN_FILE": "/run/secrets/api_token"}
-    assert web["volumes"] == [{"type": "volume", "source": "shop-web-secrets", "target": "/run/secrets",
-                               "read_only": True, "volume": {"nocopy": True}}]
-    opts = {"role": "web", "uid": "1000", "secret.db_password": "secret/data/shop/web#DB_PASSWORD",
-            "secret.api_token": "secret/data/shop/web#API_TOKEN"}
+    assert web["environment"] == {
+        "LOG_LEVEL": "info",
+        "DB_PASSWORD_FILE": "/run/secrets/db_password",
+        "API_TOKEN_FILE": "/run/secrets/api_token",
+    }
+    assert web["volumes"] == [
+        {
+            "type": "volume",
+            "source": "shop-web-secrets",
+            "target": "/run/secrets",
+            "read_only": True,
+            "volume": {"nocopy": True},
+        }
+    ]
+    opts = {
+        "role": "web",
+        "uid": "1000",
+        "secret.db_password": "secret/data/shop/web#DB_PASSWORD",
+        "secret.api_token": "secret/data/shop/web#API_TOKEN",
+    }
     assert compose["volumes"] == {"shop-web-secrets": {"driver": "vault-secrets", "driver_opts": opts}}
     assert {f.name: (f.path, f.field) for f in parse_spec(opts).files} == {
-        "db_password": ("secret/data/shop/web", "DB_PASSWORD"), "api_token": ("secret/data/shop/web", "API_TOKEN")}
+        "db_password": ("secret/data/shop/web", "DB_PASSWORD"),
+        "api_token": ("secret/data/shop/web", "API_TOKEN"),
+    }
     assert "bao kv put -mount=secret -cas=0 shop/web - <<'JSON'" in script
     assert kv_json(script) == [{"DB_PASSWORD": REDACTED, "API_TOKEN": REDACTED}]
-    assert "bao policy write shop-web - <<'HCL'\npath \"secret/data/shop/web\" { capabilities = [\"read\"] }\nHCL" in script
+    assert (
+        'bao policy write shop-web - <<\'HCL\'\npath "secret/data/shop/web" { capabilities = ["read"] }\nHCL' in script
+    )
     assert "bao write auth/token/roles/web allowed_policies=shop-web renewable=true" in script
     assert '#   path "auth/token/create/web" { capabilities = ["update"] }' in script
 
 
 def test_list_environment_keeps_its_form_and_other_services_are_untouched(tmp_path):
-    compose, _ = split(run(tmp_path, """
+    compose, _ = split(
+        run(
+            tmp_path,
+            """
         services:
           db:
             image: postgres:16
@@ -104,14 +125,28 @@ def test_list_environment_keeps_its_form_and_other_services_are_untouched(tmp_pa
             environment: [MAXMEMORY=64mb]
         volumes:
           pgdata:
-    """, "--kv-mount", "kv/", "--path-prefix", "/apps/prod/", "-p", "Shop.Prod"))
+    """,
+            "--kv-mount",
+            "kv/",
+            "--path-prefix",
+            "/apps/prod/",
+            "-p",
+            "Shop.Prod",
+        )
+    )
     db = compose["services"]["db"]
-    assert db["environment"] == ["POSTGRES_USER=app", "POSTGRES_PASSWORD_FILE=/run/secrets/postgres_password", "POSTGRES_DB=app"]
+    assert db["environment"] == [
+        "POSTGRES_USER=app",
+        "POSTGRES_PASSWORD_FILE=/run/secrets/postgres_password",
+        "POSTGRES_DB=app",
+    ]
     assert db["volumes"][0] == "pgdata:/var/lib/postgresql/data"
     assert compose["services"]["cache"] == {"image": "redis:7", "environment": ["MAXMEMORY=64mb"]}
     assert compose["volumes"]["pgdata"] is None
     assert compose["volumes"]["shopprod-db-secrets"]["driver_opts"] == {
-        "role": "db", "secret.postgres_password": "kv/data/apps/prod/db#POSTGRES_PASSWORD"}
+        "role": "db",
+        "secret.postgres_password": "kv/data/apps/prod/db#POSTGRES_PASSWORD",
+    }
 
 
 def test_the_project_name_defaults_to_the_directory_like_compose(tmp_path):
@@ -119,11 +154,16 @@ def test_the_project_name_defaults_to_the_directory_like_compose(tmp_path):
     project.mkdir()
     compose, _ = split(run(project, WEB.replace("name: shop", "")))
     assert list(compose["volumes"]) == ["my_shop-web-secrets"]
-    assert compose["volumes"]["my_shop-web-secrets"]["driver_opts"]["secret.db_password"] == "secret/data/my_shop/web#DB_PASSWORD"
+    assert (
+        compose["volumes"]["my_shop-web-secrets"]["driver_opts"]["secret.db_password"]
+        == "secret/data/my_shop/web#DB_PASSWORD"
+    )
 
 
 def test_interpolated_values_are_left_as_they_are_and_reported(tmp_path):
-    result = run(tmp_path, """
+    result = run(
+        tmp_path,
+        """
         services:
           web:
             image: example/web
@@ -137,14 +177,25 @@ def test_interpolated_values_are_left_as_they_are_and_reported(tmp_path):
           worker:
             image: example/worker
             environment: [QUEUE_SECRET, "QUEUE=jobs"]
-    """)
+    """,
+    )
     compose, _ = split(result)
     assert compose["services"]["web"]["environment"] == {
-        "DB_PASSWORD": "${DB_PASSWORD}", "SMTP_PASSWORD": "${SMTP_PASSWORD:-dev-default-pw}", "GITHUB_TOKEN": None,
-        "DATABASE_URL": "$DATABASE_URL", "LOG_LEVEL": "${LOG_LEVEL:-info}", "API_KEY_FILE": "/run/secrets/api_key"}
+        "DB_PASSWORD": "${DB_PASSWORD}",
+        "SMTP_PASSWORD": "${SMTP_PASSWORD:-dev-default-pw}",
+        "GITHUB_TOKEN": None,
+        "DATABASE_URL": "$DATABASE_URL",
+        "LOG_LEVEL": "${LOG_LEVEL:-info}",
+        "API_KEY_FILE": "/run/secrets/api_key",
+    }
     assert compose["services"]["worker"]["environment"] == ["QUEUE_SECRET", "QUEUE=jobs"]
-    for service, key in [("web", "DB_PASSWORD"), ("web", "SMTP_PASSWORD"), ("web", "GITHUB_TOKEN"),
-                         ("web", "DATABASE_URL"), ("worker", "QUEUE_SECRET")]:
+    for service, key in [
+        ("web", "DB_PASSWORD"),
+        ("web", "SMTP_PASSWORD"),
+        ("web", "GITHUB_TOKEN"),
+        ("web", "DATABASE_URL"),
+        ("worker", "QUEUE_SECRET"),
+    ]:
         assert f"{service}: {key} is left as is: its value comes from your shell" in result.stderr
         assert "cannot move it; store it yourself" in result.stderr
     assert "LOG_LEVEL" not in result.stderr
@@ -152,7 +203,9 @@ def test_interpolated_values_are_left_as_they_are_and_reported(tmp_path):
 
 
 def test_a_value_left_in_an_anchor_definition_is_an_error_and_not_printed(tmp_path):
-    result = run(tmp_path, """
+    result = run(
+        tmp_path,
+        """
         x-env: &env
           LOG_LEVEL: info
           DB_PASSWORD: hunter2-horse
@@ -164,40 +217,60 @@ def test_a_value_left_in_an_anchor_definition_is_an_error_and_not_printed(tmp_pa
             environment:
               <<: *env
               QUEUE: jobs
-    """)
+    """,
+    )
     assert result.exit_code == 1
     assert "x-env.DB_PASSWORD, x-list[1] would still hold a value that moves to Vault" in result.stderr
     assert "hunter2-horse" not in result.output
 
 
 def test_shared_anchors_without_secrets_are_expanded(tmp_path):
-    result = run(tmp_path, """
+    result = run(
+        tmp_path,
+        """
         x-base: &base {image: example/app, restart: always, labels: [team=a]}
         services:
           web: {<<: *base, environment: {DB_PASSWORD: hunter2-horse}}
           worker: *base
-    """)
+    """,
+    )
     compose, _ = split(result)
-    assert compose["services"]["worker"] == compose["x-base"] == {"image": "example/app", "restart": "always", "labels": ["team=a"]}
+    assert (
+        compose["services"]["worker"]
+        == compose["x-base"]
+        == {"image": "example/app", "restart": "always", "labels": ["team=a"]}
+    )
     assert "&id" not in result.stdout and "*id" not in result.stdout
 
 
 def test_env_files_are_listed_not_migrated(tmp_path):
-    result = run(tmp_path, WEB + """
+    result = run(
+        tmp_path,
+        WEB
+        + """
         env_file: [common.env, {path: web.env, required: false}]
       db:
         image: postgres
         env_file: db.env
-    """)
+    """,
+    )
     split(result)
     for service, name in [("web", "common.env"), ("web", "web.env"), ("db", "db.env")]:
         assert f"{service}: env_file {name} is not migrated automatically" in result.stderr
 
 
-@pytest.mark.parametrize(("user", "owner"), [
-    ('"1000"', {"uid": "1000"}), ('"1000:1001"', {"uid": "1000", "gid": "1001"}), ("1000", {"uid": "1000"}),
-    ('"0"', {"uid": "0"}), ("app", {}), ('"app:staff"', {}), ("null", {}),
-])
+@pytest.mark.parametrize(
+    ("user", "owner"),
+    [
+        ('"1000"', {"uid": "1000"}),
+        ('"1000:1001"', {"uid": "1000", "gid": "1001"}),
+        ("1000", {"uid": "1000"}),
+        ('"0"', {"uid": "0"}),
+        ("app", {}),
+        ('"app:staff"', {}),
+        ("null", {}),
+    ],
+)
 def test_numeric_user_becomes_the_owner_of_the_files(tmp_path, user, owner):
     result = run(tmp_path, WEB.replace('user: "1000"', f"user: {user}"))
     compose, _ = split(result)
@@ -208,12 +281,18 @@ def test_numeric_user_becomes_the_owner_of_the_files(tmp_path, user, owner):
 
 def test_exclude_keeps_an_entry_and_only_chooses_exactly(tmp_path):
     compose, _ = split(run(tmp_path, WEB, "--exclude", "API_TOKEN"))
-    assert compose["services"]["web"]["environment"] == {"LOG_LEVEL": "info", "DB_PASSWORD_FILE": "/run/secrets/db_password",
-                                                         "API_TOKEN": "tok-3f9a8b7c"}
+    assert compose["services"]["web"]["environment"] == {
+        "LOG_LEVEL": "info",
+        "DB_PASSWORD_FILE": "/run/secrets/db_password",
+        "API_TOKEN": "tok-3f9a8b7c",
+    }
     result = run(tmp_path, WEB, "--only", "LOG_LEVEL", "--only", "API_TOKEN")
     compose, script = split(result)
-    assert compose["services"]["web"]["environment"] == {"LOG_LEVEL_FILE": "/run/secrets/log_level", "DB_PASSWORD": "hunter2-horse",
-                                                         "API_TOKEN_FILE": "/run/secrets/api_token"}
+    assert compose["services"]["web"]["environment"] == {
+        "LOG_LEVEL_FILE": "/run/secrets/log_level",
+        "DB_PASSWORD": "hunter2-horse",
+        "API_TOKEN_FILE": "/run/secrets/api_token",
+    }
     assert "LOG_LEVEL moves to secret/data/shop/web (chosen with --only)" in result.stderr
     assert list(kv_json(script)[0]) == ["LOG_LEVEL", "API_TOKEN"]
 
@@ -286,24 +365,47 @@ def test_in_place_keeps_the_original_as_bak_with_its_mode(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-@pytest.mark.parametrize(("compose", "args", "message"), [
-    ("services: [web]", (), "is not a compose file: it has no 'services:' mapping"),
-    ("- just\n- a list\n", (), "is not a compose file"),
-    ("services: {}", (), "has no services"),
-    ("services:\n  web: {environment: [A=b\n", (), "is not valid YAML"),
-    ("services:\n  web: {image: x, environment: {LOG_LEVEL: info}}", (), "nothing to migrate in"),
-    ("services:\n  web: {image: x, environment: text}", (), "service web: environment must be a mapping or a list"),
-    ("services:\n  web: {environment: {DB_PASSWORD: x, DB_PASSWORD_FILE: /f}}", (), "DB_PASSWORD_FILE would be defined twice"),
-    ("services:\n  web: {environment: {DB_PASSWORD: x, db_password: y}}", (), "would be defined twice (or as the same file)"),
-    ("services:\n  web: {environment: {DB_PASSWORD: x}, volumes: ['s:/run/secrets:ro']}", (), "already uses /run/secrets"),
-    ("services:\n  web: {environment: {DB_PASSWORD: x}, secrets: [db]}", (), "already uses /run/secrets"),
-    ("name: p\nservices:\n  web: {environment: {DB_PASSWORD: x}}\nvolumes: {p-web-secrets: {}}", (), "already declared"),
-    ("services:\n  web: {environment: {'DB PASSWORD': x}}", (), "the volume options would be refused"),
-    (WEB, ("--setup-vault",), "only apply with --write"),
-    (WEB, ("--overwrite",), "only apply with --write"),
-    (WEB, ("--output", "{input}"), "give --in-place"),
-    (WEB, ("--output", "{tmp}/missing/dir/out.yml"), "cannot write {tmp}/missing/dir/out.yml: No such file or directory"),
-])
+@pytest.mark.parametrize(
+    ("compose", "args", "message"),
+    [
+        ("services: [web]", (), "is not a compose file: it has no 'services:' mapping"),
+        ("- just\n- a list\n", (), "is not a compose file"),
+        ("services: {}", (), "has no services"),
+        ("services:\n  web: {environment: [A=b\n", (), "is not valid YAML"),
+        ("services:\n  web: {image: x, environment: {LOG_LEVEL: info}}", (), "nothing to migrate in"),
+        ("services:\n  web: {image: x, environment: text}", (), "service web: environment must be a mapping or a list"),
+        (
+            "services:\n  web: {environment: {DB_PASSWORD: x, DB_PASSWORD_FILE: /f}}",
+            (),
+            "DB_PASSWORD_FILE would be defined twice",
+        ),
+        (
+            "services:\n  web: {environment: {DB_PASSWORD: x, db_password: y}}",
+            (),
+            "would be defined twice (or as the same file)",
+        ),
+        (
+            "services:\n  web: {environment: {DB_PASSWORD: x}, volumes: ['s:/run/secrets:ro']}",
+            (),
+            "already uses /run/secrets",
+        ),
+        ("services:\n  web: {environment: {DB_PASSWORD: x}, secrets: [db]}", (), "already uses /run/secrets"),
+        (
+            "name: p\nservices:\n  web: {environment: {DB_PASSWORD: x}}\nvolumes: {p-web-secrets: {}}",
+            (),
+            "already declared",
+        ),
+        ("services:\n  web: {environment: {'DB PASSWORD': x}}", (), "the volume options would be refused"),
+        (WEB, ("--setup-vault",), "only apply with --write"),
+        (WEB, ("--overwrite",), "only apply with --write"),
+        (WEB, ("--output", "{input}"), "give --in-place"),
+        (
+            WEB,
+            ("--output", "{tmp}/missing/dir/out.yml"),
+            "cannot write {tmp}/missing/dir/out.yml: No such file or directory",
+        ),
+    ],
+)
 def test_errors_say_what_is_wrong(tmp_path, compose, args, message):
     args = [a.format(input=tmp_path / "docker-compose.yml", tmp=tmp_path) for a in args]
     result = run(tmp_path, compose, *args)
@@ -319,7 +421,9 @@ def test_a_missing_file_is_named(tmp_path):
 
 def test_write_says_when_vault_is_unreachable_and_writes_no_compose_file(tmp_path):
     addr = f"http://127.0.0.1:{free_loopback_port()}"
-    result = run(tmp_path, WEB, "--write", "-o", str(tmp_path / "out.yml"), env={"VAULT_ADDR": addr, "VAULT_TOKEN": "t"})
+    result = run(
+        tmp_path, WEB, "--write", "-o", str(tmp_path / "out.yml"), env={"VAULT_ADDR": addr, "VAULT_TOKEN": "t"}
+    )
     assert result.exit_code == 1
     assert f"cannot reach Vault at {addr}" in result.stderr
     assert not (tmp_path / "out.yml").exists()
@@ -335,7 +439,9 @@ def test_write_needs_the_operators_token(tmp_path):
 
 
 def read_kv(bao, path: str, mount: str = "secret") -> tuple[dict, int]:
-    data = bao.root.secrets.kv.v2.read_secret_version(path=path, mount_point=mount, raise_on_deleted_version=True)["data"]
+    data = bao.root.secrets.kv.v2.read_secret_version(path=path, mount_point=mount, raise_on_deleted_version=True)[
+        "data"
+    ]
     return data["data"], data["metadata"]["version"]
 
 
@@ -365,15 +471,22 @@ def test_write_stores_the_values_and_refuses_to_replace_them(bao, tmp_path, uniq
     assert read_kv(bao, f"{unique_name}/app")[1] == 1
     assert not (tmp_path / "out.yml").exists()
 
-    replaced = run(tmp_path, nasty_compose(unique_name).replace("AKIAIOSFODNN7EXAMPLE", "AKIAIOSFODNN7EXAMPL2"),
-                   "--write", "--overwrite", env=env)
+    replaced = run(
+        tmp_path,
+        nasty_compose(unique_name).replace("AKIAIOSFODNN7EXAMPLE", "AKIAIOSFODNN7EXAMPL2"),
+        "--write",
+        "--overwrite",
+        env=env,
+    )
     assert replaced.exit_code == 0, replaced.output
     assert read_kv(bao, f"{unique_name}/app") == ({**STORED, "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPL2"}, 2)
 
 
 @pytest.mark.openbao
 def test_check_and_set_refuses_when_the_token_cannot_read_metadata(bao, tmp_path, unique_name):
-    bao.root.sys.create_or_update_policy(unique_name, f'path "secret/data/{unique_name}/*" {{ capabilities = ["create", "update"] }}\n')
+    bao.root.sys.create_or_update_policy(
+        unique_name, f'path "secret/data/{unique_name}/*" {{ capabilities = ["create", "update"] }}\n'
+    )
     token = bao.root.auth.token.create(policies=[unique_name], ttl="5m")["auth"]["client_token"]
     bao.root.secrets.kv.v2.create_or_update_secret(path=f"{unique_name}/web", secret={"OLD": "x"}, mount_point="secret")
     result = run(tmp_path, WEB.replace("shop", unique_name), "--write", env=as_operator(bao, token))
@@ -396,8 +509,12 @@ def test_setup_vault_writes_a_policy_and_token_role_that_read_the_secret(bao, tm
     # what the plugin does at Mount: a child token from the role reads exactly the migrated secret
     child = bao.root.auth.token.create(role_name=unique_name, ttl="5m")["auth"]["client_token"]
     reader = bao.server.client(child)
-    assert reader.secrets.kv.v2.read_secret_version(path=f"apps/{unique_name}", mount_point="secret",
-                                                    raise_on_deleted_version=True)["data"]["data"]["API_TOKEN"] == "tok-3f9a8b7c"
+    assert (
+        reader.secrets.kv.v2.read_secret_version(
+            path=f"apps/{unique_name}", mount_point="secret", raise_on_deleted_version=True
+        )["data"]["data"]["API_TOKEN"]
+        == "tok-3f9a8b7c"
+    )
     with pytest.raises(Exception, match="permission denied"):
         reader.secrets.kv.v2.read_secret_version(path="web/db", mount_point="secret", raise_on_deleted_version=True)
 
@@ -411,8 +528,13 @@ def test_setup_vault_refuses_to_replace_an_existing_role(bao, tmp_path, unique_n
 
 
 @pytest.mark.openbao
-@pytest.mark.parametrize(("mount", "message"), [("kv1", "kv1/ at {addr} is not a KV version 2 mount (version 1)"),
-                                                 ("nosuch", "no secrets engine at nosuch/ on {addr}")])
+@pytest.mark.parametrize(
+    ("mount", "message"),
+    [
+        ("kv1", "kv1/ at {addr} is not a KV version 2 mount (version 1)"),
+        ("nosuch", "no secrets engine at nosuch/ on {addr}"),
+    ],
+)
 def test_write_refuses_what_is_not_a_kv2_mount(bao, tmp_path, mount, message):
     result = run(tmp_path, WEB, "--write", "--kv-mount", mount, env=as_operator(bao))
     assert result.exit_code == 1
@@ -434,12 +556,18 @@ def test_the_printed_commands_work_with_the_bao_cli(bao, tmp_path, unique_name):
     result = run(tmp_path, compose, "--show-values", "-o", str(tmp_path / "out.yml"))
     assert result.exit_code == 0, result.output
     (tmp_path / "setup.sh").write_text(result.stdout)
-    env = {"PATH": f"{Path(bao_binary()).parent}:/usr/bin:/bin", "HOME": str(tmp_path),
-           "BAO_ADDR": bao.addr, "BAO_TOKEN": bao.server.root_token}
+    env = {
+        "PATH": f"{Path(bao_binary()).parent}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "BAO_ADDR": bao.addr,
+        "BAO_TOKEN": bao.server.root_token,
+    }
     done = subprocess.run(["sh", str(tmp_path / "setup.sh")], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert read_kv(bao, f"{unique_name}/{unique_name}") == (STORED, 1)
-    assert bao.root.read(f"auth/token/roles/{unique_name}")["data"]["allowed_policies"] == [f"{unique_name}-{unique_name}"]
+    assert bao.root.read(f"auth/token/roles/{unique_name}")["data"]["allowed_policies"] == [
+        f"{unique_name}-{unique_name}"
+    ]
     again = subprocess.run(["sh", str(tmp_path / "setup.sh")], env=env, capture_output=True, text=True, timeout=60)
     assert again.returncode != 0 and "check-and-set" in again.stderr  # -cas=0: never replaces a secret
 
@@ -473,5 +601,7 @@ def test_the_migration_guide_shows_what_the_command_does(tmp_path, monkeypatch):
 
 def test_every_migrate_flag_is_in_the_guide_and_back():
     table = DOC.read_text().split("\n## Options\n")[1]
-    documented = {flag for row in table.splitlines() if row.startswith("| `") for flag in re.findall(r"`(--[a-z-]+)", row)}
+    documented = {
+        flag for row in table.splitlines() if row.startswith("| `") for flag in re.findall(r"`(--[a-z-]+)", row)
+    }
     assert documented == {opt for param in migrate.params for opt in param.opts if opt.startswith("--")}

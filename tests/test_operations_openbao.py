@@ -22,14 +22,21 @@ GOOD = {"role": "web", "secret.db_password": "secret/data/web/db#password", "ref
 
 
 def cli(plugin, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([plugin_command(), *args, "--state-dir", str(plugin.state_dir)],
-                          capture_output=True, text=True, timeout=60, input=input)
+    return subprocess.run(
+        [plugin_command(), *args, "--state-dir", str(plugin.state_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        input=input,
+    )
 
 
 def test_status_shows_volumes_mounts_ttls_identity_and_vault_without_secrets(start_plugin, bao, databases):
     plugin = start_plugin()
     plugin.client.ok("VolumeDriver.Create", {"Name": "web", "Opts": GOOD})
-    plugin.client.ok("VolumeDriver.Create", {"Name": "db", "Opts": {"role": "web", "secret.u": "db/creds/app#username"}})
+    plugin.client.ok(
+        "VolumeDriver.Create", {"Name": "db", "Opts": {"role": "web", "secret.u": "db/creds/app#username"}}
+    )
     plugin.client.ok("VolumeDriver.Mount", {"Name": "db", "ID": MOUNT_ID})
     reply = cli(plugin, "status", "--json")
     assert reply.returncode == 0, reply.stderr
@@ -61,7 +68,10 @@ def test_doctor_passes_a_good_volume_and_explains_each_failure(start_plugin, bao
     failing = cli(plugin, "doctor")
     assert failing.returncode == 1
     assert "FAIL  volume bad: secret/data/other/x: read denied" in failing.stdout
-    assert 'fix: add path "secret/data/other/x" { capabilities = ["read"] } to a policy of token role web' in failing.stdout
+    assert (
+        'fix: add path "secret/data/other/x" { capabilities = ["read"] } to a policy of token role web'
+        in failing.stdout
+    )
     assert "FAIL  volume norole: token: cannot mint a token from token role missing-role" in failing.stdout
     assert bao.accessors_with_meta(purpose="doctor") == [], "doctor's tokens are revoked"
 
@@ -76,7 +86,10 @@ def test_break_glass_revokes_tokens_wipes_files_and_is_audited(start_plugin, bao
     plugin = start_plugin()
     for name in ("a", "b"):
         plugin.client.ok("VolumeDriver.Create", {"Name": name, "Opts": GOOD})
-    views = {name: plugin.client.ok("VolumeDriver.Mount", {"Name": name, "ID": MOUNT_ID})["Mountpoint"] for name in ("a", "b")}
+    views = {
+        name: plugin.client.ok("VolumeDriver.Mount", {"Name": name, "ID": MOUNT_ID})["Mountpoint"]
+        for name in ("a", "b")
+    }
     accessors = {name: bao.accessors_with_meta(volume=name)[0] for name in ("a", "b")}
     refused = cli(plugin, "revoke", "--volume", "a", input="n\n")
     assert refused.returncode != 0 and bao.token_valid(accessors["a"]), "asks before breaking glass"
@@ -96,7 +109,10 @@ def test_break_glass_on_a_wrapped_volume_refuses_later_mounts(start_plugin, bao)
     bao.root.sys.create_or_update_policy("minter", 'path "auth/token/create" { capabilities = ["update"] }\n')
     plugin = start_plugin()
     wrapping = bao.root.auth.token.create(policies=["web", "minter"], ttl="1h", wrap_ttl="5m")["wrap_info"]["token"]
-    plugin.client.ok("VolumeDriver.Create", {"Name": "w", "Opts": {"wrapped-token": wrapping, "secret.p": "secret/data/web/db#password"}})
+    plugin.client.ok(
+        "VolumeDriver.Create",
+        {"Name": "w", "Opts": {"wrapped-token": wrapping, "secret.p": "secret/data/web/db#password"}},
+    )
     assert cli(plugin, "revoke", "--volume", "w", "--yes").returncode == 0
     status, reply = plugin.client.call("VolumeDriver.Mount", {"Name": "w", "ID": MOUNT_ID})
     assert status == 500 and "revoked by break-glass" in reply["Err"]
@@ -130,7 +146,14 @@ def test_logs_are_json_lines_with_stable_audit_events(start_plugin):
     plugin.client.ok("VolumeDriver.Remove", {"Name": "l"})
     records = [json.loads(line) for line in plugin.log().splitlines()]  # every line, gunicorn's included
     events = [r for r in records if r.get("event")]
-    assert [e["event"] for e in events] == ["volume.create", "token.mint", "mount", "token.revoke", "unmount", "volume.remove"]
+    assert [e["event"] for e in events] == [
+        "volume.create",
+        "token.mint",
+        "mount",
+        "token.revoke",
+        "unmount",
+        "volume.remove",
+    ]
     assert all(e["volume"] == "l" for e in events if e["event"] != "token.revoke")
     mint = next(e for e in events if e["event"] == "token.mint")
     assert mint["mount_id"] == MOUNT_ID and mint["accessor"]
@@ -138,5 +161,8 @@ def test_logs_are_json_lines_with_stable_audit_events(start_plugin):
 
 def _scrape(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line and not line.startswith("#")}
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }

@@ -30,8 +30,15 @@ def test_compose_service_reads_its_secret_and_down_leaves_nothing(docker, plugin
     volume = f"{unique_name}_secrets"  # compose names volumes <project>_<name>
 
     def compose(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([compose_cli, "--ansi", "never", "-f", str(COMPOSE_FILE), "-p", unique_name, *args], env=env,
-                              check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [compose_cli, "--ansi", "never", "-f", str(COMPOSE_FILE), "-p", unique_name, *args],
+            env=env,
+            check=False,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     try:
         up = compose("up", "--exit-code-from", "app")
@@ -41,7 +48,9 @@ def test_compose_service_reads_its_secret_and_down_leaves_nothing(docker, plugin
         assert printed == ["1000", "1000 400", f"{digest}  /run/secrets/db_password"]
         assert SECRET not in up.stdout + up.stderr
 
-        container = docker.docker("ps", "-aq", "--filter", f"label=com.docker.compose.project={unique_name}").stdout.split()
+        container = docker.docker(
+            "ps", "-aq", "--filter", f"label=com.docker.compose.project={unique_name}"
+        ).stdout.split()
         config = json.loads(docker.docker("inspect", *container).stdout)[0]
         assert config["Config"]["User"] == "1000:1000" and config["HostConfig"]["ReadonlyRootfs"] is True
         created = json.loads(docker.docker("volume", "inspect", volume).stdout)[0]

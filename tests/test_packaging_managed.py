@@ -63,8 +63,15 @@ def test_config_declares_what_docker_needs():
     assert mount_root == CONFIG["propagatedMount"]  # every Mountpoint lies under the propagated mount
     assert CONFIG["linux"]["capabilities"] == ["CAP_SYS_ADMIN"]
     settable = {e["name"] for e in CONFIG["env"] if "value" in e.get("settable", [])}
-    assert {"VAULT_ADDR", "VAULT_CACERT", "VAULT_NAMESPACE", "VAULT_SECRETS_ROLE_ID", "VAULT_SECRETS_APPROLE_MOUNT",
-            "VAULT_SECRETS_LOG_LEVEL", "VAULT_SECRETS_WRAPPED_SECRET_ID_FILE"} <= settable
+    assert {
+        "VAULT_ADDR",
+        "VAULT_CACERT",
+        "VAULT_NAMESPACE",
+        "VAULT_SECRETS_ROLE_ID",
+        "VAULT_SECRETS_APPROLE_MOUNT",
+        "VAULT_SECRETS_LOG_LEVEL",
+        "VAULT_SECRETS_WRAPPED_SECRET_ID_FILE",
+    } <= settable
     mounts = {m["name"]: m for m in CONFIG["mounts"]}
     state_dir = entrypoint[entrypoint.index("--state-dir") + 1]
     assert mounts["state"]["destination"] == state_dir and mounts["state"]["settable"] == ["source"]
@@ -79,18 +86,41 @@ def test_managed_plugin_from_build_to_removal(docker, bao, base_image, managed, 
     bootstrap.mkdir()
     wrapping_token = bao.write_wrapped_secret_id(bootstrap / "wrapped-secret-id").read_text()
     volume = f"{managed.name}-secrets"
-    settings = {"VAULT_SECRETS_ROLE_ID": bao.seed.role_id, "VAULT_SECRETS_LOG_LEVEL": "debug",
-                "state.source": str(state), "bootstrap.source": str(bootstrap)}
+    settings = {
+        "VAULT_SECRETS_ROLE_ID": bao.seed.role_id,
+        "VAULT_SECRETS_LOG_LEVEL": "debug",
+        "state.source": str(state),
+        "bootstrap.source": str(bootstrap),
+    }
 
     # Built, created, set and enabled by make while nothing listens at VAULT_ADDR: enable succeeds only
     # if the socket is bound without Vault.
     unreachable = f"http://127.0.0.1:{free_loopback_port()}"
-    make_targets(docker, "plugin", PLUGIN_NAME=managed.name, BASE_IMAGE=base_image, PLUGIN_BUILD=str(build),
-                 PLUGIN_SETTINGS=" ".join(f"{k}={v}" for k, v in {**settings, "VAULT_ADDR": unreachable}.items()))
+    make_targets(
+        docker,
+        "plugin",
+        PLUGIN_NAME=managed.name,
+        BASE_IMAGE=base_image,
+        PLUGIN_BUILD=str(build),
+        PLUGIN_SETTINGS=" ".join(f"{k}={v}" for k, v in {**settings, "VAULT_ADDR": unreachable}.items()),
+    )
     assert managed.inspect()["Enabled"] is True
-    docker.docker("volume", "create", "-d", managed.name, "-o", "role=web", "-o", "uid=1000",
-                  "-o", "secret.db_password=secret/data/web/db#password", volume)
-    refused = docker.docker("run", "--rm", "--network", "none", "-v", f"{volume}:/s:ro", docker.image, "true", check=False)
+    docker.docker(
+        "volume",
+        "create",
+        "-d",
+        managed.name,
+        "-o",
+        "role=web",
+        "-o",
+        "uid=1000",
+        "-o",
+        "secret.db_password=secret/data/web/db#password",
+        volume,
+    )
+    refused = docker.docker(
+        "run", "--rm", "--network", "none", "-v", f"{volume}:/s:ro", docker.image, "true", check=False
+    )
     assert refused.returncode != 0 and f"Vault at {unreachable} is unreachable" in refused.stderr
 
     # The operator points it at Vault: the wrapped SecretID in the bootstrap mount is used once.
@@ -101,8 +131,19 @@ def test_managed_plugin_from_build_to_removal(docker, bao, base_image, managed, 
     assert not _wrapping_token_usable(bao, wrapping_token)
 
     # Mountpoints lie under the propagated mount, where dockerd (another mount namespace) sees them.
-    container = docker.docker("run", "-d", "--network", "none", "--user", "1000", "-v", f"{volume}:/run/secrets:ro",
-                              docker.image, "sleep", "60").stdout.strip()
+    container = docker.docker(
+        "run",
+        "-d",
+        "--network",
+        "none",
+        "--user",
+        "1000",
+        "-v",
+        f"{volume}:/run/secrets:ro",
+        docker.image,
+        "sleep",
+        "60",
+    ).stdout.strip()
     try:
         assert docker.docker("exec", container, "cat", "/run/secrets/db_password").stdout == SECRET
         assert [m for m in mounts_below(managed.propagated_mount) if m.endswith("/view")]
@@ -128,8 +169,21 @@ def test_managed_plugin_from_build_to_removal(docker, bao, base_image, managed, 
 
     # dockerd restarted (SIGTERM, start) with a --restart always container: dockerd starts the plugin and
     # mounts the moment its socket answers, while it is still resuming its identity, and never retries.
-    container = docker.docker("run", "-d", "--restart", "always", "--network", "none", "--user", "1000",
-                              "-v", f"{volume}:/run/secrets:ro", docker.image, "sleep", "600").stdout.strip()
+    container = docker.docker(
+        "run",
+        "-d",
+        "--restart",
+        "always",
+        "--network",
+        "none",
+        "--user",
+        "1000",
+        "-v",
+        f"{volume}:/run/secrets:ro",
+        docker.image,
+        "sleep",
+        "600",
+    ).stdout.strip()
     docker.restart()
     _wait_running(docker, container)
     assert docker.docker("exec", container, "cat", "/run/secrets/db_password").stdout == SECRET

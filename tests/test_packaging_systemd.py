@@ -27,16 +27,45 @@ INSTALLED_COMMAND = "/opt/vault-secrets/bin/vault-secrets-plugin"  # where docs/
 # Options that make systemd build a mount namespace for the unit (exec_needs_mount_namespace() in
 # src/core/execute.c). Mounts made in one never propagate back to the host, so dockerd would not see them.
 NAMESPACE_OPTIONS = {
-    "PrivateTmp", "PrivateDevices", "PrivateMounts", "ProtectSystem", "ProtectHome", "ProtectKernelTunables",
-    "ProtectKernelModules", "ProtectKernelLogs", "ProtectControlGroups", "ProtectProc", "ProcSubset",
-    "ReadWritePaths", "ReadOnlyPaths", "InaccessiblePaths", "ExecPaths", "NoExecPaths", "BindPaths",
-    "BindReadOnlyPaths", "TemporaryFileSystem", "RootDirectory", "RootImage", "MountImages",
-    "ExtensionImages", "ExtensionDirectories", "PrivateIPC", "IPCNamespacePath", "LogNamespace",
-    "PrivateNetwork", "NetworkNamespacePath",
+    "PrivateTmp",
+    "PrivateDevices",
+    "PrivateMounts",
+    "ProtectSystem",
+    "ProtectHome",
+    "ProtectKernelTunables",
+    "ProtectKernelModules",
+    "ProtectKernelLogs",
+    "ProtectControlGroups",
+    "ProtectProc",
+    "ProcSubset",
+    "ReadWritePaths",
+    "ReadOnlyPaths",
+    "InaccessiblePaths",
+    "ExecPaths",
+    "NoExecPaths",
+    "BindPaths",
+    "BindReadOnlyPaths",
+    "TemporaryFileSystem",
+    "RootDirectory",
+    "RootImage",
+    "MountImages",
+    "ExtensionImages",
+    "ExtensionDirectories",
+    "PrivateIPC",
+    "IPCNamespacePath",
+    "LogNamespace",
+    "PrivateNetwork",
+    "NetworkNamespacePath",
 }
 FALSE = {"no", "false", "0", "off", ""}
-CAPABILITY_BITS = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_DAC_READ_SEARCH": 2, "CAP_FOWNER": 3, "CAP_FSETID": 4,
-                   "CAP_SYS_ADMIN": 21}
+CAPABILITY_BITS = {
+    "CAP_CHOWN": 0,
+    "CAP_DAC_OVERRIDE": 1,
+    "CAP_DAC_READ_SEARCH": 2,
+    "CAP_FOWNER": 3,
+    "CAP_FSETID": 4,
+    "CAP_SYS_ADMIN": 21,
+}
 
 
 def read_unit(path: Path) -> dict[str, dict[str, list[str]]]:
@@ -68,8 +97,9 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path):
     # verify insists that ExecStart exists: point it at this venv's command, under the unit's own name.
     unit = tmp_path / UNIT.name
     unit.write_text(UNIT.read_text().replace(INSTALLED_COMMAND, plugin_command()))
-    res = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)], check=False, capture_output=True,
-                         text=True, timeout=60)
+    res = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(unit)], check=False, capture_output=True, text=True, timeout=60
+    )
     # verify exits 0 on unknown keys and bad values, only warning: any output is a finding.
     assert (res.returncode, res.stdout + res.stderr) == (0, "")
 
@@ -103,11 +133,16 @@ def bounding_set() -> list[str]:
 def service_command(name: str, paths: dict[str, Path]) -> list[str]:
     """ExecStart with the installed paths swapped for this test's, wrapped in setpriv with the unit's limits."""
     (exec_start,) = SERVICE["ExecStart"]
-    assert not set("$%") & set(exec_start) and exec_start[0] not in "-@:+!", "ExecStart uses syntax this test cannot emulate"
+    assert not set("$%") & set(exec_start) and exec_start[0] not in "-@:+!", (
+        "ExecStart uses syntax this test cannot emulate"
+    )
     argv = shlex.split(exec_start)
     assert argv[0] == INSTALLED_COMMAND
-    replace = {INSTALLED_COMMAND: plugin_command(), "/run/docker/plugins/vault-secrets.sock": str(PLUGINS_DIR / f"{name}.sock"),
-               **{old: str(new) for old, new in paths.items()}}
+    replace = {
+        INSTALLED_COMMAND: plugin_command(),
+        "/run/docker/plugins/vault-secrets.sock": str(PLUGINS_DIR / f"{name}.sock"),
+        **{old: str(new) for old, new in paths.items()},
+    }
     for old, new in replace.items():
         argv = [arg.replace(old, new) if arg.startswith(old) else arg for arg in argv]
     caps = ",".join("+" + cap.removeprefix("CAP_").lower() for cap in bounding_set())
@@ -137,16 +172,32 @@ def test_exec_start_serves_dockerd_with_the_units_hardening(docker, bao, host_la
     socket = PLUGINS_DIR / f"{unique_name}.sock"
     umask = int(SERVICE["UMask"][-1], 8)
     with open(short_tmp / "service.log", "wb") as log:
-        service = subprocess.Popen(service_command(unique_name, host_layout), env=service_environment(host_layout),
-                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                   umask=umask)
+        service = subprocess.Popen(
+            service_command(unique_name, host_layout),
+            env=service_environment(host_layout),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            umask=umask,
+        )
     volume = unique_name
     try:
         _wait_for_socket(service, socket, short_tmp / "service.log")
         # The plugin runs with exactly the unit's bounding set, and it is enough for what follows.
         assert effective_capabilities(service.pid) == sum(1 << CAPABILITY_BITS[c] for c in bounding_set())
-        docker.docker("volume", "create", "-d", unique_name, "-o", "role=web", "-o", "uid=1000",
-                      "-o", "secret.db_password=secret/data/web/db#password", volume)
+        docker.docker(
+            "volume",
+            "create",
+            "-d",
+            unique_name,
+            "-o",
+            "role=web",
+            "-o",
+            "uid=1000",
+            "-o",
+            "secret.db_password=secret/data/web/db#password",
+            volume,
+        )
         assert read_secret_as_1000(docker, volume) == ["1000", SECRET, "1000", "400"]
         docker.docker("volume", "rm", volume)
         assert bao.accessors_with_meta(volume=volume) == []

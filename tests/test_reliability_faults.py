@@ -88,9 +88,15 @@ def launch(short_tmp, unique_name):
         args = list(extra or [])
         if docker is not None:
             args += ["--docker-socket", docker.host.removeprefix("unix://")]
-        launcher = PluginLauncher(socket, short_tmp / "state", vault.addr, role_id=vault.seed.role_id,
-                                  wrapped_secret_id_file=vault.write_wrapped_secret_id(short_tmp / "wrapped"),
-                                  log_path=short_tmp / "plugin.log", extra=args)
+        launcher = PluginLauncher(
+            socket,
+            short_tmp / "state",
+            vault.addr,
+            role_id=vault.seed.role_id,
+            wrapped_secret_id_file=vault.write_wrapped_secret_id(short_tmp / "wrapped"),
+            log_path=short_tmp / "plugin.log",
+            extra=args,
+        )
         made.append((launcher, docker))
         return launcher
 
@@ -100,7 +106,9 @@ def launch(short_tmp, unique_name):
             ids = docker.docker("ps", "-aq", check=False).stdout.split()
             if ids:
                 docker.docker("rm", "-f", *ids, check=False)
-            for volume in docker.docker("volume", "ls", "-q", "--filter", f"driver={launcher.name}", check=False).stdout.split():
+            for volume in docker.docker(
+                "volume", "ls", "-q", "--filter", f"driver={launcher.name}", check=False
+            ).stdout.split():
                 docker.docker("volume", "rm", "-f", volume, check=False)
         launcher.stop_all()
         if docker is not None:
@@ -108,13 +116,28 @@ def launch(short_tmp, unique_name):
 
 
 def create_volume(docker, launcher: PluginLauncher, name: str, *options: str) -> None:
-    opts = [a for o in ("role=web", "uid=1000", "secret.db_password=secret/data/web/db#password", *options) for a in ("-o", o)]
+    opts = [
+        a
+        for o in ("role=web", "uid=1000", "secret.db_password=secret/data/web/db#password", *options)
+        for a in ("-o", o)
+    ]
     docker.docker("volume", "create", "-d", launcher.name, *opts, name)
 
 
 def start_container(docker, volume: str) -> str:
-    return docker.docker("run", "-d", "--network", "none", "--user", "1000", "-v", f"{volume}:/run/secrets:ro",
-                         docker.image, "sleep", "600").stdout.strip()
+    return docker.docker(
+        "run",
+        "-d",
+        "--network",
+        "none",
+        "--user",
+        "1000",
+        "-v",
+        f"{volume}:/run/secrets:ro",
+        docker.image,
+        "sleep",
+        "600",
+    ).stdout.strip()
 
 
 def read_in(docker, container: str, name: str = "db_password") -> str:
@@ -159,26 +182,50 @@ def test_sigkill_while_20_containers_hold_mounts_loses_nothing_and_leaks_nothing
     assert {name: v["Status"]["activeMounts"] for name, v in described.items()} == {v: 2 for v in volumes}
     assert parallel(lambda c: read_in(docker, c, "api_key"), containers) == [API_KEY] * 20
     # Nothing lost in Vault either: every token is renewed again by the new process.
-    renewed = wait_for(lambda: all(view.root.auth.token.lookup_accessor(a)["data"].get("last_renewal_time", 0) >= int(restarted_at)
-                                   for a in tokens) and tokens, 30, "every mount's token to be renewed after the restart")
+    renewed = wait_for(
+        lambda: (
+            all(
+                view.root.auth.token.lookup_accessor(a)["data"].get("last_renewal_time", 0) >= int(restarted_at)
+                for a in tokens
+            )
+            and tokens
+        ),
+        30,
+        "every mount's token to be renewed after the restart",
+    )
     assert renewed
 
     # New mounts work, on an existing volume and on a volume created after the restart.
     create_volume(docker, launcher, f"{launcher.name}-new")
     for volume in (volumes[0], f"{launcher.name}-new"):
-        out = docker.docker("run", "--rm", "--network", "none", "--user", "1000", "-v", f"{volume}:/s:ro", docker.image,
-                            "cat", "/s/db_password").stdout
+        out = docker.docker(
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--user",
+            "1000",
+            "-v",
+            f"{volume}:/s:ro",
+            docker.image,
+            "cat",
+            "/s/db_password",
+        ).stdout
         assert out == SECRET
 
     # Later Unmounts revoke: every token minted before the kill is gone once its container is.
     parallel(lambda c: docker.docker("rm", "-f", c), containers)
-    wait_for(lambda: not any(view.token_valid(a) for a in tokens), 15, "the tokens of the removed containers to be revoked")
+    wait_for(
+        lambda: not any(view.token_valid(a) for a in tokens), 15, "the tokens of the removed containers to be revoked"
+    )
     assert view.tokens_of_volumes(set(volumes) | {f"{launcher.name}-new"}) == {}
     assert mounts_below(launcher.mount_root) == {}
     assert state_query(launcher.state_dir, "SELECT COUNT(*) FROM mounts") == [(0,)]
     assert "Traceback" not in launcher.log()
-    print(f"\nSIGKILL of {len(killed)} processes with 20 mounts: restart to serving+authenticated in {restart_seconds:.1f}s; "
-          f"20/20 containers read their files throughout; 20/20 tokens renewed after restart and revoked at unmount")
+    print(
+        f"\nSIGKILL of {len(killed)} processes with 20 mounts: restart to serving+authenticated in {restart_seconds:.1f}s; "
+        f"20/20 containers read their files throughout; 20/20 tokens renewed after restart and revoked at unmount"
+    )
 
 
 def test_sigkill_during_mounts_leaves_each_mount_whole_or_gone(bao, launch):
@@ -187,8 +234,10 @@ def test_sigkill_during_mounts_leaves_each_mount_whole_or_gone(bao, launch):
     launcher = launch(bao)
     plugin = launcher.start()
     client = PluginClient(launcher.socket_path, timeout=60)
-    client.ok("VolumeDriver.Create", {"Name": "burst", "Opts": {"role": "web", "ttl": "10m",
-                                                                   "secret.db_password": "secret/data/web/db#password"}})
+    client.ok(
+        "VolumeDriver.Create",
+        {"Name": "burst", "Opts": {"role": "web", "ttl": "10m", "secret.db_password": "secret/data/web/db#password"}},
+    )
     view = VaultView(bao.root)
     ids = [f"{i:02x}" * 32 for i in range(40)]
     answered, some_answered = {}, threading.Event()
@@ -211,14 +260,22 @@ def test_sigkill_during_mounts_leaves_each_mount_whole_or_gone(bao, launch):
         thread.join(60)
     launcher.start()
     # Reconciliation runs at start: no half-made (refcount 0) mount may survive it.
-    wait_for(lambda: state_query(launcher.state_dir, "SELECT COUNT(*) FROM mounts WHERE refcount = 0") == [(0,)], 30,
-             "reconciliation of the half-made mounts")
+    wait_for(
+        lambda: state_query(launcher.state_dir, "SELECT COUNT(*) FROM mounts WHERE refcount = 0") == [(0,)],
+        30,
+        "reconciliation of the half-made mounts",
+    )
 
-    rows = {m: rc for m, rc in state_query(launcher.state_dir, "SELECT mount_id, refcount FROM mounts WHERE volume = 'burst'")}
+    rows = {
+        m: rc
+        for m, rc in state_query(launcher.state_dir, "SELECT mount_id, refcount FROM mounts WHERE volume = 'burst'")
+    }
     acknowledged = {m for m, (status, _) in answered.items() if status == 200}
     assert acknowledged <= set(rows), "a Mount the plugin answered was lost"
     assert set(rows.values()) <= {1}
-    assert set(mounts_below(launcher.mount_root)) == {str(launcher.mount_root / "burst" / m / d) for m in rows for d in ("data", "view")}
+    assert set(mounts_below(launcher.mount_root)) == {
+        str(launcher.mount_root / "burst" / m / d) for m in rows for d in ("data", "view")
+    }
     for mount_id in rows:
         assert (launcher.mount_root / "burst" / mount_id / "view" / "db_password").read_text() == SECRET
     live = view.live_tokens(volume="burst")
@@ -233,9 +290,11 @@ def test_sigkill_during_mounts_leaves_each_mount_whole_or_gone(bao, launch):
         client.ok("VolumeDriver.Unmount", {"Name": "burst", "ID": mount_id})
     assert not any(view.token_valid(by_mount[m]) for m in rows)
     assert mounts_below(launcher.mount_root) == {}
-    print(f"\nSIGKILL during 40 concurrent Mounts: {len(acknowledged)} answered before the kill, {len(rows)} whole after "
-          f"the restart ({len(rows) - len(acknowledged)} completed but unanswered), {40 - len(rows)} undone; "
-          f"{len(unrecorded)} minted-but-unrecorded token(s), each provisional (<= {PROVISIONAL_TTL}s)")
+    print(
+        f"\nSIGKILL during 40 concurrent Mounts: {len(acknowledged)} answered before the kill, {len(rows)} whole after "
+        f"the restart ({len(rows) - len(acknowledged)} completed but unanswered), {40 - len(rows)} undone; "
+        f"{len(unrecorded)} minted-but-unrecorded token(s), each provisional (<= {PROVISIONAL_TTL}s)"
+    )
 
 
 # -- OpenBao unreachable for a minute -----------------------------------------------------------
@@ -253,28 +312,54 @@ def test_openbao_outage_of_a_minute(docker, own_bao, databases, launch):
     fail, retry and recover; a Mount during the outage retries for --mount-timeout (default 20 s), then
     fails saying Vault is unreachable and leaves no tmpfs or record; an Unmount during it is owed and
     retried after."""
-    configure_database_engine(own_bao.root, databases.pg.host, databases.pg.port, databases.pg.superuser,
-                              databases.pg.password, mount="db", role="app", default_ttl=f"{TTL}s", max_ttl="1h")
+    configure_database_engine(
+        own_bao.root,
+        databases.pg.host,
+        databases.pg.port,
+        databases.pg.superuser,
+        databases.pg.password,
+        mount="db",
+        role="app",
+        default_ttl=f"{TTL}s",
+        max_ttl="1h",
+    )
     launcher = launch(own_bao, docker)
     launcher.start()
     view = own_bao.view
     live, gone = f"{launcher.name}-live", f"{launcher.name}-gone"
-    create_volume(docker, launcher, live, f"ttl={TTL}s", "secret.db_user=db/creds/app#username", "secret.db_pass=db/creds/app#password")
+    create_volume(
+        docker,
+        launcher,
+        live,
+        f"ttl={TTL}s",
+        "secret.db_user=db/creds/app#username",
+        "secret.db_pass=db/creds/app#password",
+    )
     create_volume(docker, launcher, gone)
     mounted_at = time.time()
     holders = parallel(lambda v: start_container(docker, v), [live, live, gone])
     user, password = read_in(docker, holders[0], "db_user"), read_in(docker, holders[0], "db_pass")
     assert databases.pg.can_login(user, password)
     mount_ids = mount_ids_of(docker, holders)
-    tokens = {d["meta"]["mount_id"]: a for a, d in view.live_tokens().items() if (d.get("meta") or {}).get("mount_id") in mount_ids.values()}
-    [lease] = [lease for (lease,) in state_query(launcher.state_dir, "SELECT lease_id FROM leases WHERE mount_id = ?",
-                                                 (mount_ids[holders[0]],))]
+    tokens = {
+        d["meta"]["mount_id"]: a
+        for a, d in view.live_tokens().items()
+        if (d.get("meta") or {}).get("mount_id") in mount_ids.values()
+    }
+    [lease] = [
+        lease
+        for (lease,) in state_query(
+            launcher.state_dir, "SELECT lease_id FROM leases WHERE mount_id = ?", (mount_ids[holders[0]],)
+        )
+    ]
 
     with frozen(own_bao.pid) as stopped:
         # Existing files stay readable: they are in the containers' tmpfs, not behind Vault.
         assert [read_in(docker, c) for c in holders] == [SECRET] * 3
         started = time.monotonic()
-        refused = docker.docker("run", "--rm", "--network", "none", "-v", f"{live}:/s:ro", docker.image, "true", check=False)
+        refused = docker.docker(
+            "run", "--rm", "--network", "none", "-v", f"{live}:/s:ro", docker.image, "true", check=False
+        )
         mount_seconds = time.monotonic() - started
         assert refused.returncode != 0
         assert f"Vault at {own_bao.addr} is unreachable" in refused.stderr and "gave up after" in refused.stderr
@@ -301,8 +386,10 @@ def test_openbao_outage_of_a_minute(docker, own_bao, databases, launch):
     def renewed_after_thaw() -> bool:
         data = [view.root.auth.token.lookup_accessor(tokens[mount_ids[c]])["data"] for c in holders[:2]]
         lease_data = view.root.sys.read_lease(lease)["data"]
-        return (all((d.get("last_renewal_time") or 0) >= int(thawed) - 1 for d in data)
-                and _timestamp(lease_data.get("last_renewal") or "1970-01-01T00:00:00Z") >= thawed - 1)
+        return (
+            all((d.get("last_renewal_time") or 0) >= int(thawed) - 1 for d in data)
+            and _timestamp(lease_data.get("last_renewal") or "1970-01-01T00:00:00Z") >= thawed - 1
+        )
 
     wait_for(renewed_after_thaw, 30, "renewals to recover after the outage")
     recovered_seconds = time.time() - thawed
@@ -315,11 +402,25 @@ def test_openbao_outage_of_a_minute(docker, own_bao, databases, launch):
 
     # The owed revocation is retried (every 30 s) and the token of the container removed during the outage dies.
     wait_for(lambda: not view.token_valid(tokens[mount_ids[holders[2]]]), 40, "the owed revocation")
-    wait_for(lambda: state_query(launcher.state_dir, "SELECT COUNT(*) FROM pending_revocations") == [(0,)], 40,
-             "the owed revocation to be settled")
+    wait_for(
+        lambda: state_query(launcher.state_dir, "SELECT COUNT(*) FROM pending_revocations") == [(0,)],
+        40,
+        "the owed revocation to be settled",
+    )
     # Mounts work again.
-    out = docker.docker("run", "--rm", "--network", "none", "--user", "1000", "-v", f"{live}:/s:ro", docker.image,
-                        "cat", "/s/db_password").stdout
+    out = docker.docker(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--user",
+        "1000",
+        "-v",
+        f"{live}:/s:ro",
+        docker.image,
+        "cat",
+        "/s/db_password",
+    ).stdout
     assert out == SECRET
 
     # A mint Vault received before the client gave up is carried out when Vault resumes: the plugin never
@@ -330,12 +431,16 @@ def test_openbao_outage_of_a_minute(docker, own_bao, databases, launch):
     assert all(d["ttl"] <= PROVISIONAL_TTL for d in strays.values())
 
     parallel(lambda c: docker.docker("rm", "-f", c), holders[:2])
-    wait_for(lambda: view.lease_ttl(lease) is None and not databases.pg.role_exists(user), 20, "the lease and its user to go")
+    wait_for(
+        lambda: view.lease_ttl(lease) is None and not databases.pg.role_exists(user), 20, "the lease and its user to go"
+    )
     assert not any(view.token_valid(tokens[m]) for m in known)
     assert mounts_below(launcher.mount_root) == {}
-    print(f"\nOpenBao frozen {OUTAGE:.0f}s: refused Mount answered in {mount_seconds:.1f}s, Unmount in {unmount_seconds:.1f}s "
-          f"(revocation owed, settled after the outage); {retries} renewal retries, recovered {recovered_seconds:.1f}s after it; "
-          f"{len(strays)} token(s) minted by a timed-out request, TTL <= {PROVISIONAL_TTL}s")
+    print(
+        f"\nOpenBao frozen {OUTAGE:.0f}s: refused Mount answered in {mount_seconds:.1f}s, Unmount in {unmount_seconds:.1f}s "
+        f"(revocation owed, settled after the outage); {retries} renewal retries, recovered {recovered_seconds:.1f}s after it; "
+        f"{len(strays)} token(s) minted by a timed-out request, TTL <= {PROVISIONAL_TTL}s"
+    )
 
 
 class Behind:
@@ -353,7 +458,9 @@ def test_a_token_minted_for_a_mount_whose_answer_was_lost_dies_soon(bao, launch)
         launcher = launch(Behind(bao, proxy.addr), extra=["--vault-timeout", "2"])
         launcher.start()
         client = PluginClient(launcher.socket_path)
-        client.ok("VolumeDriver.Create", {"Name": "slow", "Opts": {"role": "web", "secret.pw": "secret/data/web/db#password"}})
+        client.ok(
+            "VolumeDriver.Create", {"Name": "slow", "Opts": {"role": "web", "secret.pw": "secret/data/web/db#password"}}
+        )
         proxy.withhold("/v1/auth/token/create/web", 4, times=1)
         started = time.monotonic()
         client.ok("VolumeDriver.Mount", {"Name": "slow", "ID": "5109"})
@@ -369,8 +476,10 @@ def test_a_token_minted_for_a_mount_whose_answer_was_lost_dies_soon(bao, launch)
         client.ok("VolumeDriver.Unmount", {"Name": "slow", "ID": "5109"})
         assert not view.token_valid(recorded)
         wait_for(lambda: not view.token_valid(orphan), PROVISIONAL_TTL + 5, "the lost token to expire")
-    print(f"\nmint answer withheld: Mount succeeded in {mount_seconds:.1f}s on the retry; the lost token expired "
-          f"within {PROVISIONAL_TTL}s")
+    print(
+        f"\nmint answer withheld: Mount succeeded in {mount_seconds:.1f}s on the retry; the lost token expired "
+        f"within {PROVISIONAL_TTL}s"
+    )
 
 
 # -- dockerd crashes and restarts ---------------------------------------------------------------
@@ -396,8 +505,14 @@ def test_dockerd_crash_no_credential_outlives_its_container_by_more_than_its_ttl
         view = VaultView(bao.root)
         kv, db = f"{launcher.name}-kv", f"{launcher.name}-db"
         create_volume(daemon, launcher, kv, f"ttl={CRASH_TTL}s")
-        create_volume(daemon, launcher, db, f"ttl={CRASH_TTL}s", "secret.db_user=db/creds/app#username",
-                      "secret.db_pass=db/creds/app#password")
+        create_volume(
+            daemon,
+            launcher,
+            db,
+            f"ttl={CRASH_TTL}s",
+            "secret.db_user=db/creds/app#username",
+            "secret.db_pass=db/creds/app#password",
+        )
         containers = parallel(lambda v: start_container(daemon, v), [kv, kv, db])
         user = read_in(daemon, containers[2], "db_user")
         tokens = view.tokens_of_volumes({kv, db})
@@ -423,19 +538,39 @@ def test_dockerd_crash_no_credential_outlives_its_container_by_more_than_its_ttl
 
         wait_for(all_gone, CRASH_TTL + 30, "the tokens of the dead containers to be revoked", interval=1)
         outlived = {a: t - ended for a, t in gone_at.items()}
-        assert max(outlived.values()) <= CRASH_TTL, f"a token outlived its container by more than {CRASH_TTL}s: {outlived}"
+        assert max(outlived.values()) <= CRASH_TTL, (
+            f"a token outlived its container by more than {CRASH_TTL}s: {outlived}"
+        )
         assert "releasing mount" in launcher.log(), "revoked by the plugin, not merely expired"
-        wait_for(lambda: all(view.lease_ttl(lease) is None for lease in leases) and not databases.pg.role_exists(user), 30,
-                 "the lease and its database user to go")
+        wait_for(
+            lambda: all(view.lease_ttl(lease) is None for lease in leases) and not databases.pg.role_exists(user),
+            30,
+            "the lease and its database user to go",
+        )
         assert mounts_below(launcher.mount_root) == {}
         assert state_query(launcher.state_dir, "SELECT COUNT(*) FROM mounts") == [(0,)]
         # The volumes are intact for the restarted dockerd, and work.
-        assert sorted(daemon.docker("volume", "ls", "-q", "--filter", f"driver={launcher.name}").stdout.split()) == sorted([kv, db])
-        out = daemon.docker("run", "--rm", "--network", "none", "--user", "1000", "-v", f"{kv}:/s:ro", daemon.image,
-                            "cat", "/s/db_password").stdout
+        assert sorted(
+            daemon.docker("volume", "ls", "-q", "--filter", f"driver={launcher.name}").stdout.split()
+        ) == sorted([kv, db])
+        out = daemon.docker(
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--user",
+            "1000",
+            "-v",
+            f"{kv}:/s:ro",
+            daemon.image,
+            "cat",
+            "/s/db_password",
+        ).stdout
         assert out == SECRET
-        print(f"\ndockerd crash: restarted in {restart_seconds:.1f}s; 3 tokens revoked {min(outlived.values()):.0f}-"
-              f"{max(outlived.values()):.0f}s after their containers ended (TTL {CRASH_TTL}s); lease and DB user gone")
+        print(
+            f"\ndockerd crash: restarted in {restart_seconds:.1f}s; 3 tokens revoked {min(outlived.values()):.0f}-"
+            f"{max(outlived.values()):.0f}s after their containers ended (TTL {CRASH_TTL}s); lease and DB user gone"
+        )
     finally:
         for volume in daemon.docker("volume", "ls", "-q", check=False).stdout.split():
             daemon.docker("volume", "rm", "-f", volume, check=False)

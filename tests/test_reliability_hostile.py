@@ -33,8 +33,9 @@ from tests.support.fakes import OPTIONS, FakeCredentials, FakeMounter
 from tests.support.faults import mounts_below
 
 ACCEPT = {"Accept": "application/vnd.docker.plugins.v1.2+json"}
-VERBS = ["Plugin.Activate"] + [f"VolumeDriver.{v}" for v in
-                               ("Create", "Remove", "Mount", "Unmount", "Path", "Get", "List", "Capabilities")]
+VERBS = ["Plugin.Activate"] + [
+    f"VolumeDriver.{v}" for v in ("Create", "Remove", "Mount", "Unmount", "Path", "Get", "List", "Capabilities")
+]
 INTERNAL = "internal error in the vault-secrets plugin"
 # What the fakes hold: a secret value and the tokens they hand out. None may reach an Err.
 FAKE_SECRETS = ("hunter2", "child-token-", "plugin-token")
@@ -43,16 +44,60 @@ MAX_ERR = 2048  # an Err is shown by the docker CLI: user input in it must be bo
 # Hypothesis keeps caches (unicode tables, constants) in ./.hypothesis by default: not in the repository.
 set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "vault-secrets-hypothesis")
 DETERMINISTIC = settings(
-    derandomize=True, database=None, deadline=None, print_blob=False,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large,
-                           HealthCheck.large_base_example, HealthCheck.filter_too_much],
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=False,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.large_base_example,
+        HealthCheck.filter_too_much,
+    ],
 )
 
 # -- strategies ---------------------------------------------------------------------------------
 
-NASTY = ["", ".", "..", "/", "//", "../..", "../../../etc/passwd", "a/b", "/etc", "..\\..", "a\x00b", "\x00", " ", "\t\n",
-         "web", "WEB", "web ", " web", "-web", ".web", "web/", "名前", "\u202eexe.txt", "ümlaut", "😀", "\ud800", "x\udfffy",
-         "\ufeffweb", "a" * 128, "a" * 129, "%2e%2e%2f", "$(id)", "`id`", "'; DROP TABLE volumes;--", "\\x00", "CON", "nul"]
+NASTY = [
+    "",
+    ".",
+    "..",
+    "/",
+    "//",
+    "../..",
+    "../../../etc/passwd",
+    "a/b",
+    "/etc",
+    "..\\..",
+    "a\x00b",
+    "\x00",
+    " ",
+    "\t\n",
+    "web",
+    "WEB",
+    "web ",
+    " web",
+    "-web",
+    ".web",
+    "web/",
+    "名前",
+    "\u202eexe.txt",
+    "ümlaut",
+    "😀",
+    "\ud800",
+    "x\udfffy",
+    "\ufeffweb",
+    "a" * 128,
+    "a" * 129,
+    "%2e%2e%2f",
+    "$(id)",
+    "`id`",
+    "'; DROP TABLE volumes;--",
+    "\\x00",
+    "CON",
+    "nul",
+]
 
 
 def repeated(unit: str, n: int) -> str:
@@ -64,22 +109,31 @@ text = st.one_of(
     st.text(max_size=24),
     st.text(alphabet=st.characters(codec=None, categories=["Cs", "Cc", "Zs", "So", "Lo", "Mn"]), max_size=12),
     # Up to and beyond 64 KiB.
-    st.builds(repeated, st.sampled_from(["a", "/", "..", "\x00", "é", "\ud800", "%", "名"]),
-              st.sampled_from([1024, 16384, 65536, 65537])),
+    st.builds(
+        repeated,
+        st.sampled_from(["a", "/", "..", "\x00", "é", "\ud800", "%", "名"]),
+        st.sampled_from([1024, 16384, 65536, 65537]),
+    ),
 )
 hex_ids = st.text(alphabet="0123456789abcdef", min_size=1, max_size=64)
-names = st.one_of(text, st.sampled_from(["web", "other"]), st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,20}", fullmatch=True))
+names = st.one_of(
+    text, st.sampled_from(["web", "other"]), st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,20}", fullmatch=True)
+)
 ids = st.one_of(text, hex_ids)
 option_keys = st.one_of(
-    text, st.sampled_from(SCALAR_OPTIONS),
+    text,
+    st.sampled_from(SCALAR_OPTIONS),
     st.builds(lambda prefix, rest: prefix + rest, st.sampled_from(FILE_OPTION_PREFIXES), text),
 )
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True, allow_infinity=True), text)
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4),
-                           max_leaves=12)
+json_values = st.recursive(
+    json_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4), max_leaves=12
+)
 options = st.one_of(
     st.dictionaries(option_keys, st.one_of(text, json_values), max_size=12),
-    st.builds(lambda base, extra: {**base, **extra}, st.just(dict(OPTIONS)), st.dictionaries(option_keys, text, max_size=4)),
+    st.builds(
+        lambda base, extra: {**base, **extra}, st.just(dict(OPTIONS)), st.dictionaries(option_keys, text, max_size=4)
+    ),
     json_values,
 )
 
@@ -94,10 +148,15 @@ def many_options(n: int, kind: int) -> dict[str, str]:
 
 
 bodies_as_objects = st.one_of(
-    st.fixed_dictionaries({}, optional={"Name": st.one_of(names, json_values), "ID": st.one_of(ids, json_values),
-                                        "Opts": options}),
-    st.builds(lambda name, n, kind: {"Name": name, "Opts": many_options(n, kind)},
-              names, st.sampled_from([1000, 3000, 5000]), st.integers(0, 2)),
+    st.fixed_dictionaries(
+        {}, optional={"Name": st.one_of(names, json_values), "ID": st.one_of(ids, json_values), "Opts": options}
+    ),
+    st.builds(
+        lambda name, n, kind: {"Name": name, "Opts": many_options(n, kind)},
+        names,
+        st.sampled_from([1000, 3000, 5000]),
+        st.integers(0, 2),
+    ),
     json_values,
 )
 
@@ -115,13 +174,42 @@ raw_bodies = st.one_of(
     st.builds(encode, bodies_as_objects, st.booleans()),
     st.binary(max_size=512),
     st.builds(truncate, st.builds(encode, bodies_as_objects, st.booleans()), st.integers(0, 10**6)),  # malformed JSON
-    st.sampled_from([b"", b" ", b"null", b"{}", b"[]", b"\"x\"", b"1e999999", b"1" * 5000, b"{\"Name\": NaN}",
-                     b"{\"Name\": \"web\", \"Name\": \"x\"}", b"\xef\xbb\xbf{}", b"{\"a\":" * 1000]),
+    st.sampled_from(
+        [
+            b"",
+            b" ",
+            b"null",
+            b"{}",
+            b"[]",
+            b'"x"',
+            b"1e999999",
+            b"1" * 5000,
+            b'{"Name": NaN}',
+            b'{"Name": "web", "Name": "x"}',
+            b"\xef\xbb\xbf{}",
+            b'{"a":' * 1000,
+        ]
+    ),
     st.builds(lambda n: b"[" * n + b"]" * n, st.sampled_from([100, 1000, 5000, 100_000])),  # nesting
-    st.builds(lambda n: b"{\"Name\": \"web\", \"Pad\": \"" + b"x" * n + b"\"}", st.sampled_from([MAX_BODY - 40, MAX_BODY, 2 * MAX_BODY])),
+    st.builds(
+        lambda n: b'{"Name": "web", "Pad": "' + b"x" * n + b'"}',
+        st.sampled_from([MAX_BODY - 40, MAX_BODY, 2 * MAX_BODY]),
+    ),
 )
-paths = st.one_of(st.sampled_from(VERBS), st.sampled_from(["", "VolumeDriver.", "Plugin.Activate/..", "VolumeDriver.Mount/x",
-                                                           "volumedriver.mount", "VolumeDriver.Explode", "..%2fetc"]))
+paths = st.one_of(
+    st.sampled_from(VERBS),
+    st.sampled_from(
+        [
+            "",
+            "VolumeDriver.",
+            "Plugin.Activate/..",
+            "VolumeDriver.Mount/x",
+            "volumedriver.mount",
+            "VolumeDriver.Explode",
+            "..%2fetc",
+        ]
+    ),
+)
 
 
 # -- the driver over fakes, through Flask's test client -----------------------------------------
@@ -137,8 +225,9 @@ class ConfinedMounter(FakeMounter):
     def _confine(self, volume: str, mount_id: str) -> None:
         self.asked.append((volume, mount_id))
         for part in (volume, mount_id):
-            assert isinstance(part, str) and part and "/" not in part and "\x00" not in part and part not in (".", ".."), \
-                f"the mounter was asked for an unsafe path component {part!r}"
+            assert (
+                isinstance(part, str) and part and "/" not in part and "\x00" not in part and part not in (".", "..")
+            ), f"the mounter was asked for an unsafe path component {part!r}"
         path = Path(os.path.normpath(self.root / volume / mount_id / "view"))
         assert path.is_relative_to(self.root), f"{path} is outside the mount root"
 
@@ -149,7 +238,9 @@ class ConfinedMounter(FakeMounter):
     def mount(self, volume, mount_id, files, **kwargs):
         self._confine(volume, mount_id)
         for name in files:
-            assert "/" not in name and name not in (".", "..") and not name.startswith("."), f"unsafe file name {name!r}"
+            assert "/" not in name and name not in (".", "..") and not name.startswith("."), (
+                f"unsafe file name {name!r}"
+            )
         return super().mount(volume, mount_id, files, **kwargs)
 
     def unmount(self, volume, mount_id):
@@ -173,8 +264,16 @@ def hostile_app(store, vault, identity, scheduler, tmp_path):
     from plugin.core.driver import Driver
 
     mounter = ConfinedMounter(tmp_path / "mounts")
-    driver = Driver(store, vault, identity, mounter, scheduler, hostname="host-a", credentials=FakeCredentials(),
-                    wrap_allowed_paths=DEFAULT_ALLOWED_PATHS)
+    driver = Driver(
+        store,
+        vault,
+        identity,
+        mounter,
+        scheduler,
+        hostname="host-a",
+        credentials=FakeCredentials(),
+        wrap_allowed_paths=DEFAULT_ALLOWED_PATHS,
+    )
     driver.create("web", OPTIONS)
     handler = UnexpectedErrors()
     logging.getLogger().addHandler(handler)
@@ -201,8 +300,12 @@ def check_reply(status: int, raw: bytes, where: str) -> dict:
 
 def still_serves(client) -> None:
     """A whole lifecycle still works (on a volume of its own: a generated call may have removed "web")."""
-    for verb, body in (("Create", {"Name": "alive", "Opts": OPTIONS}), ("Mount", {"Name": "alive", "ID": "feedface"}),
-                       ("Unmount", {"Name": "alive", "ID": "feedface"}), ("Remove", {"Name": "alive"})):
+    for verb, body in (
+        ("Create", {"Name": "alive", "Opts": OPTIONS}),
+        ("Mount", {"Name": "alive", "ID": "feedface"}),
+        ("Unmount", {"Name": "alive", "ID": "feedface"}),
+        ("Remove", {"Name": "alive"}),
+    ):
         response = client.post(f"/VolumeDriver.{verb}", data=json.dumps(body), headers=ACCEPT)
         assert response.status_code == 200, f"{verb} after hostile input: {response.data[:300]!r}"
 
@@ -249,8 +352,10 @@ def test_other_methods_get_an_err(hostile_app, method, path, raw):
 def raw_post(sock_path: Path, path: str, body: bytes, timeout: float = 30) -> tuple[int, bytes] | None:
     """POST as dockerd does (no Content-Type). None when the plugin closed the connection before answering
     (it may do so once a body is over the limit, while the client is still sending)."""
-    head = (f"POST /{path} HTTP/1.1\r\nHost: plugin.moby.localhost\r\nAccept: {ACCEPT['Accept']}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    head = (
+        f"POST /{path} HTTP/1.1\r\nHost: plugin.moby.localhost\r\nAccept: {ACCEPT['Accept']}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(str(sock_path))
@@ -278,7 +383,9 @@ def state_rows(state_dir: Path) -> list[tuple[str, str, int]]:
 
 
 @pytest.mark.openbao
-def test_the_real_plugin_answers_hostile_input_with_err_stays_up_and_writes_only_below_its_mount_root(start_plugin, short_tmp):
+def test_the_real_plugin_answers_hostile_input_with_err_stays_up_and_writes_only_below_its_mount_root(
+    start_plugin, short_tmp
+):
     plugin = start_plugin()
     web = {"Name": "web", "Opts": {"role": "web", "secret.pw": "secret/data/web/db#password"}}
     state, mount_root = short_tmp / "state", short_tmp / "state" / "mounts"
@@ -286,11 +393,18 @@ def test_the_real_plugin_answers_hostile_input_with_err_stays_up_and_writes_only
     refused_mounts: list[str] = []
 
     @settings(DETERMINISTIC, max_examples=300)
-    @given(path=paths, raw=raw_bodies, ascii_only=st.booleans(),
-           body=st.one_of(bodies_as_objects, st.fixed_dictionaries({"Name": st.just("web"), "ID": hex_ids})))
+    @given(
+        path=paths,
+        raw=raw_bodies,
+        ascii_only=st.booleans(),
+        body=st.one_of(bodies_as_objects, st.fixed_dictionaries({"Name": st.just("web"), "ID": hex_ids})),
+    )
     def hammer(path, raw, ascii_only, body):
         plugin.client.ok("VolumeDriver.Create", web)  # idempotent; a generated Remove may have removed it
-        for where, payload in ((path, raw), (path if path in VERBS else "VolumeDriver.Mount", encode(body, ascii_only))):
+        for where, payload in (
+            (path, raw),
+            (path if path in VERBS else "VolumeDriver.Mount", encode(body, ascii_only)),
+        ):
             answer = raw_post(plugin.socket_path, where, payload)
             if answer is None:
                 assert len(payload) > MAX_BODY, f"POST /{where}: connection closed without an answer"
@@ -301,7 +415,12 @@ def test_the_real_plugin_answers_hostile_input_with_err_stays_up_and_writes_only
             if where == "VolumeDriver.Mount" and answer[0] == 200:
                 assert Path(reply["Mountpoint"]).is_relative_to(mount_root)
                 answers["mounted"] += 1
-            elif where == "VolumeDriver.Mount" and isinstance(body, dict) and body.get("Name") == "web" and str(body.get("ID")).isalnum():
+            elif (
+                where == "VolumeDriver.Mount"
+                and isinstance(body, dict)
+                and body.get("Name") == "web"
+                and str(body.get("ID")).isalnum()
+            ):
                 refused_mounts.append(reply.get("Err", "")[:200])
         assert plugin.process.poll() is None, "the plugin died"
 
@@ -314,7 +433,14 @@ def test_the_real_plugin_answers_hostile_input_with_err_stays_up_and_writes_only
     rows = state_rows(state)
     assert {str(mount_root / v / m / suffix) for v, m, _ in rows for suffix in ("data", "view")} == set(mounted)
     assert {p.name for p in short_tmp.iterdir()} <= {"p.sock", "state", "wrapped", "plugin0.log"}
-    assert {p.name for p in state.iterdir()} <= {"state.db", "state.db-wal", "state.db-shm", "seal.key", "control.sock", "mounts"}
+    assert {p.name for p in state.iterdir()} <= {
+        "state.db",
+        "state.db-wal",
+        "state.db-shm",
+        "seal.key",
+        "control.sock",
+        "mounts",
+    }
     for volume, mount_id, refcount in rows:  # dockerd would unmount each as often as it mounted
         for _ in range(refcount):
             plugin.client.ok("VolumeDriver.Unmount", {"Name": volume, "ID": mount_id})

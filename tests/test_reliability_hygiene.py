@@ -74,12 +74,19 @@ class Run:
 def state_bytes(state_dir: Path) -> bytes:
     """Every file of the state directory, except the tmpfs mounts (they hold secrets by design, in memory)."""
     mounts = state_dir / "mounts"
-    return b"".join(p.read_bytes() for p in sorted(state_dir.rglob("*"))
-                    if p.is_file() and not p.is_relative_to(mounts) and not p.is_socket())
+    return b"".join(
+        p.read_bytes()
+        for p in sorted(state_dir.rglob("*"))
+        if p.is_file() and not p.is_relative_to(mounts) and not p.is_socket()
+    )
 
 
 def process_memory_surface(pid: int) -> dict[str, bytes]:
-    return {f"/proc/{p}/{part}": Path(f"/proc/{p}/{part}").read_bytes() for p in process_tree(pid) for part in ("cmdline", "environ")}
+    return {
+        f"/proc/{p}/{part}": Path(f"/proc/{p}/{part}").read_bytes()
+        for p in process_tree(pid)
+        for part in ("cmdline", "environ")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +98,15 @@ def run(docker, bao, databases, tmp_path_factory) -> Run:
     wrapped_secret_id = bao.write_wrapped_secret_id(work / "wrapped")
     record.spent.add(wrapped_secret_id.read_text())
     PLUGINS_DIR.mkdir(parents=True, exist_ok=True)
-    launcher = PluginLauncher(PLUGINS_DIR / f"{name}.sock", work / "state", bao.addr, role_id=bao.seed.role_id,
-                              wrapped_secret_id_file=wrapped_secret_id, log_path=work / "plugin.log",
-                              extra=["--docker-socket", docker.host.removeprefix("unix://")])
+    launcher = PluginLauncher(
+        PLUGINS_DIR / f"{name}.sock",
+        work / "state",
+        bao.addr,
+        role_id=bao.seed.role_id,
+        wrapped_secret_id_file=wrapped_secret_id,
+        log_path=work / "plugin.log",
+        extra=["--docker-socket", docker.host.removeprefix("unix://")],
+    )
     record.mount_root = launcher.mount_root
     containers: list[str] = []
     view = VaultView(bao.root)
@@ -109,11 +122,24 @@ def run(docker, bao, databases, tmp_path_factory) -> Run:
             return result
 
         def create(volume: str, *options: str, ok: bool = True) -> subprocess.CompletedProcess:
-            return docker_cli("volume", "create", "-d", launcher.name, *[a for o in options for a in ("-o", o)], volume, ok=ok)
+            return docker_cli(
+                "volume", "create", "-d", launcher.name, *[a for o in options for a in ("-o", o)], volume, ok=ok
+            )
 
         def start(volume: str, user: str, target: str = "/run/secrets:ro") -> str:
-            container = docker_cli("run", "-d", "--network", "none", "--user", user, "-v", f"{volume}:{target}",
-                                   docker.image, "sleep", "600").stdout.strip()
+            container = docker_cli(
+                "run",
+                "-d",
+                "--network",
+                "none",
+                "--user",
+                user,
+                "-v",
+                f"{volume}:{target}",
+                docker.image,
+                "sleep",
+                "600",
+            ).stdout.strip()
             containers.append(container)
             return container
 
@@ -121,11 +147,33 @@ def run(docker, bao, databases, tmp_path_factory) -> Run:
             return docker.docker("exec", container, "sh", "-c", command, check=ok)
 
         kv, db, tf, wt = (f"{name}-{kind}" for kind in ("kv", "db", "tf", "wt"))
-        create(kv, "role=web", "uid=1000", "gid=1000", "mode=0440", "secret.db_password=secret/data/web/db#password",
-               "secret.api_key=secret/data/web/api#key", "secret.db.env=secret/data/web/db", "format.db.env=env")
-        create(db, "role=web", "uid=1000", "secret.db_password=secret/data/web/db#password",
-               "secret.db_user=db/creds/app#username", "secret.db_pass=db/creds/app#password")
-        create(tf, "role=web", "uid=2000", "gid=3000", "token-file=vault-token", "secret.db_password=secret/data/web/db#password")
+        create(
+            kv,
+            "role=web",
+            "uid=1000",
+            "gid=1000",
+            "mode=0440",
+            "secret.db_password=secret/data/web/db#password",
+            "secret.api_key=secret/data/web/api#key",
+            "secret.db.env=secret/data/web/db",
+            "format.db.env=env",
+        )
+        create(
+            db,
+            "role=web",
+            "uid=1000",
+            "secret.db_password=secret/data/web/db#password",
+            "secret.db_user=db/creds/app#username",
+            "secret.db_pass=db/creds/app#password",
+        )
+        create(
+            tf,
+            "role=web",
+            "uid=2000",
+            "gid=3000",
+            "token-file=vault-token",
+            "secret.db_password=secret/data/web/db#password",
+        )
         bao.root.sys.create_or_update_policy("minter", 'path "auth/token/create" { capabilities = ["update"] }\n')
         wrapping = bao.root.auth.token.create(policies=["web", "minter"], ttl="1h", wrap_ttl="5m")["wrap_info"]["token"]
         record.spent.add(wrapping)
@@ -139,8 +187,11 @@ def run(docker, bao, databases, tmp_path_factory) -> Run:
         create(f"{name}-t3", f"wrapped-token={wrapping}", "secret.x=secret/data/web/db#password", ok=False)  # replay
         create(f"{name}-den", "role=web", "secret.other=secret/data/other/x#y")
         docker_cli("run", "--rm", "--network", "none", "-v", f"{name}-den:/s:ro", docker.image, "true", ok=False)
-        for verb, body in (("VolumeDriver.Get", {"Name": f"{name}-none"}), ("VolumeDriver.Mount", {"Name": kv, "ID": "../x"}),
-                           ("VolumeDriver.Create", {"Name": "x", "Opts": {"role": "web", "secret.a/b": "c/d#e"}})):
+        for verb, body in (
+            ("VolumeDriver.Get", {"Name": f"{name}-none"}),
+            ("VolumeDriver.Mount", {"Name": kv, "ID": "../x"}),
+            ("VolumeDriver.Create", {"Name": "x", "Opts": {"role": "web", "secret.a/b": "c/d#e"}}),
+        ):
             status, reply = PluginClient(launcher.socket_path).call(verb, body)
             assert status != 200
             record.errs.append(reply["Err"])
@@ -161,14 +212,21 @@ def run(docker, bao, databases, tmp_path_factory) -> Run:
         record.accessors.add(inner["accessor"])
 
         for container in (c_kv, c_root_rw, c_db, c_tf, c_wt):
-            record.container_mounts[container] = next(line for line in inside(container, "cat /proc/self/mountinfo").stdout.splitlines()
-                                                     if line.split()[4] == "/run/secrets")
-            record.stats[container] = inside(container, "stat -c '%n %u %g %a' /run/secrets /run/secrets/*").stdout.splitlines()
+            record.container_mounts[container] = next(
+                line
+                for line in inside(container, "cat /proc/self/mountinfo").stdout.splitlines()
+                if line.split()[4] == "/run/secrets"
+            )
+            record.stats[container] = inside(
+                container, "stat -c '%n %u %g %a' /run/secrets /run/secrets/*"
+            ).stdout.splitlines()
         record.stats["users"] = {"kv": c_kv, "db": c_db, "tf": c_tf, "wt": c_wt, "root": c_root_rw}
         for container, user in ((c_kv, "1000"), (c_root_rw, "0")):
             for what, command in WRITES.items():
                 record.writes[(user, what)] = inside(container, command, ok=False)
-            record.after_writes.append(inside(container, "ls -A /run/secrets; cat /run/secrets/db_password").stdout.split())
+            record.after_writes.append(
+                inside(container, "ls -A /run/secrets; cat /run/secrets/db_password").stdout.split()
+            )
         record.host_tmpfs = mounts_below(launcher.mount_root)
 
         # The tokens of the run, from the plugin's own sealed state (the test holds the key; nobody else should).
@@ -207,7 +265,9 @@ def run(docker, bao, databases, tmp_path_factory) -> Run:
     finally:
         if containers:  # the run failed half-way: undo what it made while the plugin still answers
             docker.docker("rm", "-f", *containers, check=False)
-            for volume in docker.docker("volume", "ls", "-q", "--filter", f"driver={launcher.name}", check=False).stdout.split():
+            for volume in docker.docker(
+                "volume", "ls", "-q", "--filter", f"driver={launcher.name}", check=False
+            ).stdout.split():
                 docker.docker("volume", "rm", "-f", volume, check=False)
         launcher.stop_all()
         launcher.socket_path.unlink(missing_ok=True)
@@ -243,15 +303,29 @@ def test_no_secret_or_token_in_any_err(run):
         assert err.strip(), "an Err must say what is wrong"
         assert leaks(err.encode(), run) == [], err
     joined = "\n".join(run.errs)
-    for expected in ("refused", "holds a plain Vault token", "possible interception", "denied permission to read secret/data/other/x",
-                     "no vault-secrets volume named", "invalid mount ID", "one path component"):
+    for expected in (
+        "refused",
+        "holds a plain Vault token",
+        "possible interception",
+        "denied permission to read secret/data/other/x",
+        "no vault-secrets volume named",
+        "invalid mount ID",
+        "one path component",
+    ):
         assert expected in joined
 
 
 def test_no_secret_or_token_in_the_state_directory_in_clear(run):
     for snapshot in run.state_snapshots:
         assert leaks(snapshot, run) == []
-    assert {p.name for p in run.final_state.iterdir()} <= {"state.db", "state.db-wal", "state.db-shm", "seal.key", "control.sock", "mounts"}
+    assert {p.name for p in run.final_state.iterdir()} <= {
+        "state.db",
+        "state.db-wal",
+        "state.db-shm",
+        "seal.key",
+        "control.sock",
+        "mounts",
+    }
 
 
 def test_docker_volume_inspect_shows_no_secret_and_no_live_token(run, bao):
@@ -343,19 +417,48 @@ def test_inspect_output_is_valid_json_naming_only_paths_and_roles(run):
     assert len(volumes) == 4
     for volume in volumes:
         for key in volume["Options"]:
-            assert key in ("role", "uid", "gid", "mode", "token-file", "wrapped-token") or key.startswith(("secret.", "format.")), key
+            assert key in ("role", "uid", "gid", "mode", "token-file", "wrapped-token") or key.startswith(
+                ("secret.", "format.")
+            ), key
 
 
 def test_a_secret_never_runs_as_a_program_in_a_container(docker, plugin, bao, unique_name):
     """With `-v NAME:PATH:ro` runc remounts the container's bind with `ro` alone, so the tmpfs's noexec is lost
     there (see the nodev/nosuid/noexec test): execute bits in `mode=` must be refused, or a secret whose value
     is a script runs as a program. Found by this suite; `mode=` refuses them since."""
-    bao.root.secrets.kv.v2.create_or_update_secret(path="web/script", secret={"run": "#!/bin/sh\necho RAN\n"}, mount_point="secret")
-    refused = docker.docker("volume", "create", "-d", plugin.name, "-o", "role=web", "-o", "mode=0500",
-                            "-o", "secret.run=secret/data/web/script#run", unique_name, check=False)
+    bao.root.secrets.kv.v2.create_or_update_secret(
+        path="web/script", secret={"run": "#!/bin/sh\necho RAN\n"}, mount_point="secret"
+    )
+    refused = docker.docker(
+        "volume",
+        "create",
+        "-d",
+        plugin.name,
+        "-o",
+        "role=web",
+        "-o",
+        "mode=0500",
+        "-o",
+        "secret.run=secret/data/web/script#run",
+        unique_name,
+        check=False,
+    )
     assert refused.returncode != 0 and "secret files are never executable" in refused.stderr
-    docker.docker("volume", "create", "-d", plugin.name, "-o", "role=web", "-o", "mode=0444",
-                  "-o", "secret.run=secret/data/web/script#run", unique_name)
+    docker.docker(
+        "volume",
+        "create",
+        "-d",
+        plugin.name,
+        "-o",
+        "role=web",
+        "-o",
+        "mode=0444",
+        "-o",
+        "secret.run=secret/data/web/script#run",
+        unique_name,
+    )
     for target in ("/s", "/s:ro"):
-        ran = docker.docker("run", "--rm", "--network", "none", "-v", f"{unique_name}:{target}", docker.image, "/s/run", check=False)
+        ran = docker.docker(
+            "run", "--rm", "--network", "none", "-v", f"{unique_name}:{target}", docker.image, "/s/run", check=False
+        )
         assert ran.returncode != 0 and "RAN" not in ran.stdout and "permission denied" in ran.stderr.lower(), target

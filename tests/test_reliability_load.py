@@ -37,19 +37,45 @@ READ = "cat /run/secrets/db_password; echo; cat /run/secrets/db_user; echo; exec
 @pytest.mark.docker
 @pytest.mark.heavy
 def test_100_containers_at_once_on_distinct_and_shared_volumes_get_their_own_tmpfs_token_and_lease(
-        docker, plugin, bao, databases, unique_name):
+    docker, plugin, bao, databases, unique_name
+):
     view = VaultView(bao.root)
     distinct = [f"{unique_name}-d{i:02}" for i in range(50)]
     shared = f"{unique_name}-shared"
     volumes = [*distinct, shared]
 
     def create(volume: str) -> None:
-        docker.docker("volume", "create", "-d", plugin.name, "-o", "role=web", "-o", "uid=1000", "-o",
-                      "secret.db_password=secret/data/web/db#password", "-o", "secret.db_user=db/creds/app#username", volume)
+        docker.docker(
+            "volume",
+            "create",
+            "-d",
+            plugin.name,
+            "-o",
+            "role=web",
+            "-o",
+            "uid=1000",
+            "-o",
+            "secret.db_password=secret/data/web/db#password",
+            "-o",
+            "secret.db_user=db/creds/app#username",
+            volume,
+        )
 
     def start(volume: str) -> str:
-        return docker.docker("run", "-d", "--network", "none", "--user", "1000", "-v", f"{volume}:/run/secrets:ro",
-                             docker.image, "sh", "-c", READ).stdout.strip()
+        return docker.docker(
+            "run",
+            "-d",
+            "--network",
+            "none",
+            "--user",
+            "1000",
+            "-v",
+            f"{volume}:/run/secrets:ro",
+            docker.image,
+            "sh",
+            "-c",
+            READ,
+        ).stdout.strip()
 
     with ThreadPoolExecutor(max_workers=50) as pool:
         list(pool.map(create, volumes))
@@ -62,8 +88,11 @@ def test_100_containers_at_once_on_distinct_and_shared_volumes_get_their_own_tmp
     containers = on_distinct + on_shared
 
     try:
+
         def output(container: str) -> list[str]:
-            return wait_for(lambda: docker.docker("logs", container).stdout.split() or None, 30, f"{container}'s output")
+            return wait_for(
+                lambda: docker.docker("logs", container).stdout.split() or None, 30, f"{container}'s output"
+            )
 
         with ThreadPoolExecutor(max_workers=10) as pool:
             outputs = list(pool.map(output, containers))
@@ -76,12 +105,17 @@ def test_100_containers_at_once_on_distinct_and_shared_volumes_get_their_own_tmp
         mount_ids = mount_ids_of(docker, containers)
         assert len(set(mount_ids.values())) == 100
         tmpfs = mounts_below(plugin.mount_root)
-        assert set(tmpfs) == {str(plugin.mount_root / v / m / d) for v, c in
-                              [*zip(distinct, on_distinct), *((shared, c) for c in on_shared)]
-                              for m in [mount_ids[c]] for d in ("data", "view")}
+        assert set(tmpfs) == {
+            str(plugin.mount_root / v / m / d)
+            for v, c in [*zip(distinct, on_distinct, strict=True), *((shared, c) for c in on_shared)]
+            for m in [mount_ids[c]]
+            for d in ("data", "view")
+        }
         assert {t["fstype"] for t in tmpfs.values()} == {"tmpfs"}
         tokens = view.tokens_of_volumes(set(volumes))
-        assert sorted(d["meta"]["mount_id"] for d in tokens.values()) == sorted(mount_ids.values()), "one token per container"
+        assert sorted(d["meta"]["mount_id"] for d in tokens.values()) == sorted(mount_ids.values()), (
+            "one token per container"
+        )
         leases = [lease for (lease,) in state_query(plugin.state_dir, "SELECT lease_id FROM leases")]
         assert len(set(leases)) == 100
         assert json.loads(docker.docker("volume", "inspect", shared).stdout)[0]["Status"] == {"activeMounts": 50}
@@ -98,9 +132,11 @@ def test_100_containers_at_once_on_distinct_and_shared_volumes_get_their_own_tmp
     assert state_query(plugin.state_dir, "SELECT COUNT(*) FROM mounts") == [(0,)]
     assert list(plugin.mount_root.iterdir()) == []
     assert "Traceback" not in plugin.log()
-    print(f"\n50 containers on 50 volumes started in {distinct_seconds:.1f}s, 50 on one volume in {shared_seconds:.1f}s; "
-          f"100 tmpfs, 100 tokens, 100 leases/DB users; all 100 removed in {stop_seconds:.1f}s, then 0 tokens, "
-          f"0 leases, 0 DB users, 0 tmpfs")
+    print(
+        f"\n50 containers on 50 volumes started in {distinct_seconds:.1f}s, 50 on one volume in {shared_seconds:.1f}s; "
+        f"100 tmpfs, 100 tokens, 100 leases/DB users; all 100 removed in {stop_seconds:.1f}s, then 0 tokens, "
+        f"0 leases, 0 DB users, 0 tmpfs"
+    )
 
 
 def test_500_concurrent_mount_and_unmount_calls_end_without_error_deadlock_or_leak(start_plugin, bao, short_tmp):
@@ -108,11 +144,22 @@ def test_500_concurrent_mount_and_unmount_calls_end_without_error_deadlock_or_le
     client = PluginClient(plugin.socket_path, timeout=120)
     volumes = [f"load{i}" for i in range(5)]
     for volume in volumes:
-        client.ok("VolumeDriver.Create", {"Name": volume, "Opts": {"role": "web", "secret.db_password": "secret/data/web/db#password",
-                                                                    "secret.api_key": "secret/data/web/api#key"}})
+        client.ok(
+            "VolumeDriver.Create",
+            {
+                "Name": volume,
+                "Opts": {
+                    "role": "web",
+                    "secret.db_password": "secret/data/web/db#password",
+                    "secret.api_key": "secret/data/web/api#key",
+                },
+            },
+        )
     # 200 mounts mounted and unmounted once, and 25 mounted twice and unmounted twice (as `docker cp` on a
     # running container does): 500 calls, from 225 threads released together.
-    plans = [(volumes[i % 5], f"{i:04x}" * 16, 1) for i in range(200)] + [(volumes[i % 5], f"{i:04x}" * 16, 2) for i in range(200, 225)]
+    plans = [(volumes[i % 5], f"{i:04x}" * 16, 1) for i in range(200)] + [
+        (volumes[i % 5], f"{i:04x}" * 16, 2) for i in range(200, 225)
+    ]
     barrier = threading.Barrier(len(plans))
     calls: list[tuple[str, int, dict, float]] = []
     lock = threading.Lock()
@@ -161,6 +208,8 @@ def test_500_concurrent_mount_and_unmount_calls_end_without_error_deadlock_or_le
     assert "Traceback" not in plugin.log() and "unexpected error" not in plugin.log()
     client.ok("VolumeDriver.List")
     seconds = sorted(s for *_, s in calls)
-    print(f"\n500 concurrent Mount/Unmount calls (225 mounts, 25 refcounted twice) in {elapsed:.1f}s: "
-          f"0 errors; latency median {statistics.median(seconds) * 1000:.0f} ms, "
-          f"p95 {seconds[int(len(seconds) * 0.95)] * 1000:.0f} ms, max {seconds[-1] * 1000:.0f} ms; 0 tmpfs, 0 tokens left")
+    print(
+        f"\n500 concurrent Mount/Unmount calls (225 mounts, 25 refcounted twice) in {elapsed:.1f}s: "
+        f"0 errors; latency median {statistics.median(seconds) * 1000:.0f} ms, "
+        f"p95 {seconds[int(len(seconds) * 0.95)] * 1000:.0f} ms, max {seconds[-1] * 1000:.0f} ms; 0 tmpfs, 0 tokens left"
+    )

@@ -33,7 +33,9 @@ def populated_state(state: Path) -> Path:
     state.mkdir(mode=0o700)
     store = Store(state / "state.db", Sealer.load_or_create(state / "seal.key"))
     for i in range(VOLUMES):
-        store.add_volume(f"vol{i:03}", {"role": "web", "secret.db_password": "secret/data/web/db#password", "uid": f"{1000 + i}"})
+        store.add_volume(
+            f"vol{i:03}", {"role": "web", "secret.db_password": "secret/data/web/db#password", "uid": f"{1000 + i}"}
+        )
     store.add_mount(MountRecord("vol000", "c1", 1, "/m/vol000/c1/view", "s.mount-token", "acc-mount", 1.0))
     store.save_identity(IdentityRecord("s.identity-token", "acc-identity", 1.0))
     store.close()  # the last connection checkpoints the WAL into state.db
@@ -46,9 +48,22 @@ def serve(state: Path, tmp: Path, within: float = 15) -> tuple[subprocess.Comple
     PID and reported with return code None."""
     started = time.monotonic()
     process = subprocess.Popen(
-        [plugin_command(), "serve", "--state-dir", str(state), "--socket", str(tmp / "p.sock"),
-         "--vault-addr", "http://127.0.0.1:9", "--log-format", "text"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+        [
+            plugin_command(),
+            "serve",
+            "--state-dir",
+            str(state),
+            "--socket",
+            str(tmp / "p.sock"),
+            "--vault-addr",
+            "http://127.0.0.1:9",
+            "--log-format",
+            "text",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
     )
     try:
         stdout, stderr = process.communicate(timeout=within)
@@ -67,7 +82,7 @@ def digest(path: Path) -> str:
 def damage_a_middle_page(data: bytes) -> bytes:
     # A page of the volumes table, past the header page: SQLite opens the file and reads its version
     # without noticing; only a read of that page (a List, a Get) would fail.
-    return data[:2 * PAGE] + random.Random(7).randbytes(PAGE) + data[3 * PAGE:]
+    return data[: 2 * PAGE] + random.Random(7).randbytes(PAGE) + data[3 * PAGE :]
 
 
 DAMAGE = {
@@ -131,7 +146,11 @@ def test_an_older_database_is_migrated_with_every_volume_mount_and_token_kept(tm
     database = populated_state(tmp_path / "state")
     sealer = Sealer.load_or_create(tmp_path / "state" / "seal.key")
     # A synthetic next version: one step that adds a column with a default, as a real change would.
-    monkeypatch.setattr(plugin.host.store, "MIGRATIONS", (*plugin.host.store.MIGRATIONS, "ALTER TABLE volumes ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';"))
+    monkeypatch.setattr(
+        plugin.host.store,
+        "MIGRATIONS",
+        (*plugin.host.store.MIGRATIONS, "ALTER TABLE volumes ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';"),
+    )
     monkeypatch.setattr(plugin.host.store, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
 
     store = Store(database, sealer)
@@ -156,8 +175,11 @@ def test_a_failing_migration_step_is_undone_whole_and_refused_clearly(tmp_path, 
     monkeypatch.setattr(plugin.host.store, "MIGRATIONS", (*plugin.host.store.MIGRATIONS, broken))
     monkeypatch.setattr(plugin.host.store, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
 
-    with pytest.raises(StateError, match=f"could not migrate state database .* from schema version {SCHEMA_VERSION} "
-                                         f"to {SCHEMA_VERSION + 1} .*left at version {SCHEMA_VERSION} with its data"):
+    with pytest.raises(
+        StateError,
+        match=f"could not migrate state database .* from schema version {SCHEMA_VERSION} "
+        f"to {SCHEMA_VERSION + 1} .*left at version {SCHEMA_VERSION} with its data",
+    ):
         Store(database, sealer)
 
     monkeypatch.undo()

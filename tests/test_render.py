@@ -214,11 +214,14 @@ PKI = {
 
 
 def test_pem_is_certificate_then_chain_and_the_key_stays_in_its_own_file():
-    spec = parse_spec({
-        "role": "web",
-        "secret.tls.crt": "pki/issue/web?common_name=web.internal", "format.tls.crt": "pem",
-        "secret.tls.key": "pki/issue/web?common_name=web.internal#private_key",
-    })
+    spec = parse_spec(
+        {
+            "role": "web",
+            "secret.tls.crt": "pki/issue/web?common_name=web.internal",
+            "format.tls.crt": "pem",
+            "secret.tls.key": "pki/issue/web?common_name=web.internal#private_key",
+        }
+    )
     files = render_files(spec, {spec.sources[0]: PKI})
     assert files["tls.crt"] == (PKI["certificate"] + "\n" + PKI["ca_chain"][0]).encode()
     assert b"PRIVATE KEY" not in files["tls.crt"]
@@ -234,12 +237,14 @@ def test_pem_without_a_certificate_is_refused():
 
 
 def test_template_renders_several_sources_and_only_can_limit_the_files():
-    spec = parse_spec({
-        "role": "web",
-        "template.dsn": 'postgresql://{{ secret("database/creds/app").username }}:'
-                        '{{ secret("database/creds/app").password }}@db/{{ secret("kv/web").name }}',
-        "secret.other": "kv/web#name",
-    })
+    spec = parse_spec(
+        {
+            "role": "web",
+            "template.dsn": 'postgresql://{{ secret("database/creds/app").username }}:'
+            '{{ secret("database/creds/app").password }}@db/{{ secret("kv/web").name }}',
+            "secret.other": "kv/web#name",
+        }
+    )
     db, kv = Source("database/creds/app"), Source("kv/web")
     secrets = {db: {"username": "u1", "password": "p1"}, kv: {"name": "app"}}
     assert render_files(spec, secrets) == {"dsn": b"postgresql://u1:p1@db/app", "other": b"app"}

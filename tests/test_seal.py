@@ -49,7 +49,9 @@ def test_other_key_does_not_open(sealer):
         Sealer(os.urandom(32)).unseal(blob, "identity")
 
 
-@pytest.mark.parametrize("position", [0, 11, 12, 20, -1], ids=["nonce-first", "nonce-last", "body-first", "body", "tag-last"])
+@pytest.mark.parametrize(
+    "position", [0, 11, 12, 20, -1], ids=["nonce-first", "nonce-last", "body-first", "body", "tag-last"]
+)
 def test_tampered_blob_does_not_open(sealer, position):
     blob = bytearray(sealer.seal(TOKEN, "identity"))
     blob[position] ^= 0x01

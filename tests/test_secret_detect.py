@@ -61,8 +61,11 @@ CASES = [
     ("GL", "glpat-abcdefghijklmnopqrst", "value looks like a GitLab token"),
     ("GOOGLE", "AIza" + "SyA1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6q", "value looks like a Google API key"),
     ("VAULT", "hvs.CAESIJ3pB8kY3c1dWc7k0eXz0aGk1ZzR1bGx5c2VjcmV0", "value looks like a Vault token"),
-    ("BEARER", "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
-     "value looks like a JWT"),
+    (
+        "BEARER",
+        "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
+        "value looks like a JWT",
+    ),
     ("SESSION_SALT", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "value is a long random-looking string"),
     ("X", "5f4dcc3b5aa765d61d8327deb882cf99", "value is a long random-looking string"),
     ("X", "Zx8kQ2pL7vN4rT1wY6bM3cF9", "value is a long random-looking string"),
@@ -118,6 +121,8 @@ def test_entropy():
     assert entropy("0123456789abcdef") == 4
 
 
-@pytest.mark.parametrize("value", ["0" * 40, "abababababababababababababababab", "short1A", "/run/secrets/abcdefGHIJ1234567"])
+@pytest.mark.parametrize(
+    "value", ["0" * 40, "abababababababababababababababab", "short1A", "/run/secrets/abcdefGHIJ1234567"]
+)
 def test_looks_random_refuses_low_entropy_short_and_paths(value):
     assert not looks_random(value)

@@ -139,7 +139,11 @@ def test_no_token_or_secret_leaks_into_logs_state_or_process(start_plugin, bao, 
     haystacks = {
         "plugin log": plugin.log_path.read_bytes(),
         **{f"state file {p.name}": p.read_bytes() for p in state.iterdir() if p.is_file()},
-        **{f"/proc/{pid}/{part}": Path(f"/proc/{pid}/{part}").read_bytes() for pid in pids for part in ("cmdline", "environ")},
+        **{
+            f"/proc/{pid}/{part}": Path(f"/proc/{pid}/{part}").read_bytes()
+            for pid in pids
+            for part in ("cmdline", "environ")
+        },
     }
     for where, content in haystacks.items():
         for needle in needles:
@@ -170,7 +174,20 @@ def test_state_copied_without_its_seal_key_is_refused_and_reveals_nothing(start_
     for path in (short_tmp / "state").glob("state.db*"):
         copy.joinpath(path.name).write_bytes(path.read_bytes())
     assert not any(identity_token.encode() in p.read_bytes() for p in copy.iterdir())
-    refused = subprocess.run([plugin_command(), "serve", "--state-dir", str(copy), "--socket", str(short_tmp / "c.sock"),
-                              "--vault-addr", bao.addr], capture_output=True, text=True, timeout=30)
+    refused = subprocess.run(
+        [
+            plugin_command(),
+            "serve",
+            "--state-dir",
+            str(copy),
+            "--socket",
+            str(short_tmp / "c.sock"),
+            "--vault-addr",
+            bao.addr,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert refused.returncode != 0 and "seal key" in refused.stderr and "is missing" in refused.stderr
     assert not (copy / "seal.key").exists()

@@ -294,12 +294,16 @@ def test_bad_ids(key, raw):
     assert f"{key}=" in refusal(options(**{key: raw}))
 
 
-@pytest.mark.parametrize("mode", ["0888", "0200", "0000", "0040", "04400", "0o400", "rw", "", "400 ", "4755", "0500", "0777", "0441"])
+@pytest.mark.parametrize(
+    "mode", ["0888", "0200", "0000", "0040", "04400", "0o400", "rw", "", "400 ", "4755", "0500", "0777", "0441"]
+)
 def test_bad_modes(mode):
     assert "mode=" in refusal(options(mode=mode))
 
 
-@pytest.mark.parametrize("size", ["1k", "4095", "17m", "16385k", "1g", "", "1.5m", "-1m", "m", "\u0661\u0660\u0662\u0664\u0660"])
+@pytest.mark.parametrize(
+    "size", ["1k", "4095", "17m", "16385k", "1g", "", "1.5m", "-1m", "m", "\u0661\u0660\u0662\u0664\u0660"]
+)
 def test_bad_sizes(size):
     assert "size=" in refusal(options(size=size))
 

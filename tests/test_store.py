@@ -43,7 +43,9 @@ def store(db_path, sealer) -> Iterator[Store]:
     store.close()
 
 
-def mount_record(volume: str = "web", mount_id: str = "c1", refcount: int = 1, created_at: float = 1000.0) -> MountRecord:
+def mount_record(
+    volume: str = "web", mount_id: str = "c1", refcount: int = 1, created_at: float = 1000.0
+) -> MountRecord:
     return MountRecord(
         volume=volume,
         mount_id=mount_id,
@@ -76,7 +78,11 @@ def test_volumes_are_listed_by_name(store):
     for name in ["b", "c", "a"]:
         store.add_volume(name, {"role": name})
 
-    assert [(v.name, v.options) for v in store.volumes()] == [("a", {"role": "a"}), ("b", {"role": "b"}), ("c", {"role": "c"})]
+    assert [(v.name, v.options) for v in store.volumes()] == [
+        ("a", {"role": "a"}),
+        ("b", {"role": "b"}),
+        ("c", {"role": "c"}),
+    ]
 
 
 def test_volume_remove(store):

@@ -69,7 +69,9 @@ def ssl_error(call) -> requests.exceptions.SSLError:
     with pytest.raises(requests.exceptions.SSLError) as caught:
         call()
     print(f"\n{type(caught.value).__module__}.{type(caught.value).__qualname__}: {caught.value}")
-    assert isinstance(caught.value, requests.exceptions.ConnectionError)  # what a broad `except ConnectionError` catches
+    assert isinstance(
+        caught.value, requests.exceptions.ConnectionError
+    )  # what a broad `except ConnectionError` catches
     return caught.value
 
 
@@ -118,9 +120,11 @@ def test_pki_files_and_certificates(tmp_path):
     assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
     assert sans.get_values_for_type(x509.DNSName) == ["localhost", "bao.test"]
     assert server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value == x509.ExtendedKeyUsage(
-        [ExtendedKeyUsageOID.SERVER_AUTH])
+        [ExtendedKeyUsageOID.SERVER_AUTH]
+    )
     assert client.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value == x509.ExtendedKeyUsage(
-        [ExtendedKeyUsageOID.CLIENT_AUTH])
+        [ExtendedKeyUsageOID.CLIENT_AUTH]
+    )
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
 
 
@@ -162,8 +166,9 @@ def test_mtls_without_client_certificate(tls_bao, clients):
 
 
 def test_mtls_with_a_client_certificate_from_another_ca(tls_bao):
-    error = ssl_error(lambda: health(tls_bao.mtls_addr, verify=str(tls_bao.pki.ca_pem),
-                                     cert=tls_bao.pki.other_client_pair))
+    error = ssl_error(
+        lambda: health(tls_bao.mtls_addr, verify=str(tls_bao.pki.ca_pem), cert=tls_bao.pki.other_client_pair)
+    )
     assert_refused_by_server(error, "TLSV1_ALERT_UNKNOWN_CA")
 
 
@@ -182,8 +187,12 @@ def test_seed_demo_over_mtls_then_read_over_https(tls_bao, clients):
     assert seed.role_id
     for path, data in DEMO_SECRETS.items():
         mount, _, rest = path.partition("/")
-        assert https.secrets.kv.v2.read_secret_version(path=rest, mount_point=mount,
-                                                       raise_on_deleted_version=True)["data"]["data"] == data
+        assert (
+            https.secrets.kv.v2.read_secret_version(path=rest, mount_point=mount, raise_on_deleted_version=True)[
+                "data"
+            ]["data"]
+            == data
+        )
 
 
 def test_stop_ends_the_server(tmp_path):

@@ -40,9 +40,15 @@ def start(tls_bao, short_tmp):
     def start_plugin(addr: str, *flags: str, authenticated: bool = True) -> PluginProcess:
         wrapped = short_tmp / f"wrapped{len(started)}"
         wrapped.write_text(wrapped_secret_id(server.client()))
-        process = PluginProcess(short_tmp / f"p{len(started)}.sock", short_tmp / f"state{len(started)}", addr,
-                                role_id=role_id, wrapped_secret_id_file=wrapped, log_path=short_tmp / f"plugin{len(started)}.log",
-                                extra=["--mount-timeout", "3", *flags])
+        process = PluginProcess(
+            short_tmp / f"p{len(started)}.sock",
+            short_tmp / f"state{len(started)}",
+            addr,
+            role_id=role_id,
+            wrapped_secret_id_file=wrapped,
+            log_path=short_tmp / f"plugin{len(started)}.log",
+            extra=["--mount-timeout", "3", *flags],
+        )
         started.append(process)
         process.wait_until_serving()
         return process.wait_until_authenticated() if authenticated else process
@@ -93,8 +99,15 @@ def test_a_plugin_without_the_ca_says_tls_failed_and_how_to_fix_it(tls_bao, star
 def test_mutual_tls_with_a_client_certificate(tls_bao, start):
     server, _ = tls_bao
     pki = server.pki
-    process = start(server.mtls_addr, "--vault-cacert", str(pki.ca_pem), "--vault-client-cert", str(pki.client_cert),
-                    "--vault-client-key", str(pki.client_key))
+    process = start(
+        server.mtls_addr,
+        "--vault-cacert",
+        str(pki.ca_pem),
+        "--vault-client-cert",
+        str(pki.client_cert),
+        "--vault-client-key",
+        str(pki.client_key),
+    )
     assert mount_and_read(process, "mtls") == SECRET
 
 
@@ -102,8 +115,11 @@ def test_mutual_tls_with_a_client_certificate(tls_bao, start):
 def test_mutual_tls_refused_names_the_client_certificate(tls_bao, start, client):
     server, _ = tls_bao
     pki = server.pki
-    flags = ("--vault-client-cert", str(pki.other_client_cert), "--vault-client-key", str(pki.other_client_key)) \
-        if client == "other" else ()
+    flags = (
+        ("--vault-client-cert", str(pki.other_client_cert), "--vault-client-key", str(pki.other_client_key))
+        if client == "other"
+        else ()
+    )
     process = start(server.mtls_addr, "--vault-cacert", str(pki.ca_pem), *flags, authenticated=False)
     process.client.ok("VolumeDriver.Create", {"Name": "refused", "Opts": OPTIONS})
     status, reply = process.client.call("VolumeDriver.Mount", {"Name": "refused", "ID": "73"})
@@ -120,7 +136,12 @@ def test_tls_settings_that_would_be_ignored_are_refused_at_start(tls_bao, short_
     assert half.returncode != 0 and "give --vault-client-cert and --vault-client-key together" in half.stderr
     plain = cli(*base, "--vault-addr", "http://127.0.0.1:8200", "--vault-cacert", str(server.pki.ca_pem))
     assert plain.returncode != 0 and "need an https:// --vault-addr" in plain.stderr
-    skip = subprocess.run([plugin_command(), *base, "--vault-addr", server.addr], capture_output=True, text=True,
-                          timeout=60, env={"PATH": "/usr/bin:/bin", "VAULT_SKIP_VERIFY": "1"})
+    skip = subprocess.run(
+        [plugin_command(), *base, "--vault-addr", server.addr],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "VAULT_SKIP_VERIFY": "1"},
+    )
     assert skip.returncode != 0 and "never turns off TLS verification" in skip.stderr
     assert not (short_tmp / "x.sock").exists()

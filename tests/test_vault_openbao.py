@@ -53,7 +53,9 @@ def test_wrapping_token_is_looked_up_without_being_consumed_then_unwrapped_once(
 
 
 def test_child_token_carries_role_policies_and_meta_and_is_revoked(bao, vault, plugin_token):
-    child = vault.mint_child(plugin_token, "web", 120, {"volume": "v", "mount_id": "m1", "host": "h"}, "vault-secrets-v")
+    child = vault.mint_child(
+        plugin_token, "web", 120, {"volume": "v", "mount_id": "m1", "host": "h"}, "vault-secrets-v"
+    )
     data = bao.root.auth.token.lookup_accessor(child.accessor)["data"]
     assert data["meta"] == {"volume": "v", "mount_id": "m1", "host": "h"}
     assert set(data["policies"]) == {"default", "web"} and not data["orphan"]

@@ -64,8 +64,13 @@ def test_final_statuses_are_raised_at_once_and_sent_once(bao, proxy, vault, stat
 
 
 def test_kv_upgrade_message_is_transient(bao, proxy, vault):
-    proxy.fail(READ, 400, times=1, message="Waiting for the primary to upgrade from non-versioned to versioned data. "
-                                           "This backend will be unavailable for a brief period and will resume service shortly.")
+    proxy.fail(
+        READ,
+        400,
+        times=1,
+        message="Waiting for the primary to upgrade from non-versioned to versioned data. "
+        "This backend will be unavailable for a brief period and will resume service shortly.",
+    )
     with retry.budget(10):
         assert vault.fetch(bao.server.root_token, "secret/data/web/db").version is not None
     assert actions(proxy, READ) == ["failed 400", "forwarded"]

@@ -52,7 +52,9 @@ def test_wrapped_token_that_cannot_mint_is_shared_by_mounts_and_revoked_at_remov
 
 def test_wrapped_token_that_can_mint_gives_each_mount_a_child(start_plugin, bao):
     plugin = start_plugin()
-    plugin.client.ok("VolumeDriver.Create", {"Name": "m", "Opts": {"wrapped-token": wrapped_token(bao, "web", "minter"), **FILES}})
+    plugin.client.ok(
+        "VolumeDriver.Create", {"Name": "m", "Opts": {"wrapped-token": wrapped_token(bao, "web", "minter"), **FILES}}
+    )
     view = plugin.client.ok("VolumeDriver.Mount", {"Name": "m", "ID": MOUNT_ID})["Mountpoint"]
     assert Path(view, "db_password").read_text() == SECRET
     [child] = bao.accessors_with_meta(volume="m", mount_id=MOUNT_ID)
@@ -66,10 +68,14 @@ def test_wrapped_approle_secret_id_needs_role_id_before_it_is_spent(start_plugin
     bao.root.auth.approle.create_or_update_approle("app-web", token_policies=["web", "minter"], token_ttl="1h")
     role_id = bao.root.auth.approle.read_role_id("app-web")["data"]["role_id"]
     wrapping = bao.root.write_data("auth/approle/role/app-web/secret-id", wrap_ttl="5m")["wrap_info"]["token"]
-    status, reply = plugin.client.call("VolumeDriver.Create", {"Name": "a", "Opts": {"wrapped-token": wrapping, **FILES}})
+    status, reply = plugin.client.call(
+        "VolumeDriver.Create", {"Name": "a", "Opts": {"wrapped-token": wrapping, **FILES}}
+    )
     assert status == 500 and "also give role-id=" in reply["Err"]
     assert bao.wrapping_lookup(wrapping)["creation_path"] == "auth/approle/role/app-web/secret-id", "not spent"
-    plugin.client.ok("VolumeDriver.Create", {"Name": "a", "Opts": {"wrapped-token": wrapping, "role-id": role_id, **FILES}})
+    plugin.client.ok(
+        "VolumeDriver.Create", {"Name": "a", "Opts": {"wrapped-token": wrapping, "role-id": role_id, **FILES}}
+    )
     view = plugin.client.ok("VolumeDriver.Mount", {"Name": "a", "ID": MOUNT_ID})["Mountpoint"]
     assert Path(view, "db_password").read_text() == SECRET
     plugin.client.ok("VolumeDriver.Unmount", {"Name": "a", "ID": MOUNT_ID})
@@ -80,7 +86,9 @@ def test_wrapping_token_unwrapped_by_someone_else_is_refused_at_create_as_tamper
     plugin = start_plugin()
     wrapping = wrapped_token(bao, "web")
     bao.root.sys.unwrap(wrapping)  # intercepted
-    status, reply = plugin.client.call("VolumeDriver.Create", {"Name": "t", "Opts": {"wrapped-token": wrapping, **FILES}})
+    status, reply = plugin.client.call(
+        "VolumeDriver.Create", {"Name": "t", "Opts": {"wrapped-token": wrapping, **FILES}}
+    )
     assert status == 500 and "already unwrapped (possible interception)" in reply["Err"]
     assert "wrap.tamper" in plugin.log() and wrapping not in plugin.log()
     assert plugin.client.call("VolumeDriver.Get", {"Name": "t"})[0] == 500
@@ -105,7 +113,9 @@ def test_plain_token_as_option_is_refused_with_advice(start_plugin, bao):
 
 def test_token_file_gives_the_container_a_token_that_unwraps_once(start_plugin, bao):
     plugin = start_plugin()
-    plugin.client.ok("VolumeDriver.Create", {"Name": "tf", "Opts": {"role": "web", "token-file": "vault-token", **FILES}})
+    plugin.client.ok(
+        "VolumeDriver.Create", {"Name": "tf", "Opts": {"role": "web", "token-file": "vault-token", **FILES}}
+    )
     view = Path(plugin.client.ok("VolumeDriver.Mount", {"Name": "tf", "ID": MOUNT_ID})["Mountpoint"])
     wrapping = (view / "vault-token").read_text()
     info = bao.wrapping_lookup(wrapping)
@@ -114,7 +124,12 @@ def test_token_file_gives_the_container_a_token_that_unwraps_once(start_plugin, 
     with pytest.raises(hvac.exceptions.InvalidRequest):
         bao.server.client(wrapping).sys.unwrap()
     container = bao.server.client(inner["client_token"])
-    assert container.secrets.kv.v2.read_secret_version(path="web/db", raise_on_deleted_version=True)["data"]["data"]["password"] == SECRET
+    assert (
+        container.secrets.kv.v2.read_secret_version(path="web/db", raise_on_deleted_version=True)["data"]["data"][
+            "password"
+        ]
+        == SECRET
+    )
     plugin.client.ok("VolumeDriver.Unmount", {"Name": "tf", "ID": MOUNT_ID})
     assert not bao.token_valid(inner["accessor"])
 
@@ -158,7 +173,9 @@ def test_bootstrap_with_an_intercepted_token_fails_but_plugin_keeps_serving(star
 
 def test_restart_keeps_wrapped_volume_credentials(start_plugin, bao):
     plugin = start_plugin()
-    plugin.client.ok("VolumeDriver.Create", {"Name": "r", "Opts": {"wrapped-token": wrapped_token(bao, "web", "minter"), **FILES}})
+    plugin.client.ok(
+        "VolumeDriver.Create", {"Name": "r", "Opts": {"wrapped-token": wrapped_token(bao, "web", "minter"), **FILES}}
+    )
     plugin.stop()
     restarted = start_plugin()
     view = restarted.client.ok("VolumeDriver.Mount", {"Name": "r", "ID": MOUNT_ID})["Mountpoint"]
@@ -169,8 +186,17 @@ def test_restart_keeps_wrapped_volume_credentials(start_plugin, bao):
 
 def bootstrap(short_tmp: Path, wrapped: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [plugin_command(), "bootstrap", "--wrapped-secret-id-file", str(wrapped), "--state-dir", str(short_tmp / "state")],
-        capture_output=True, text=True, timeout=30,
+        [
+            plugin_command(),
+            "bootstrap",
+            "--wrapped-secret-id-file",
+            str(wrapped),
+            "--state-dir",
+            str(short_tmp / "state"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
 
 

@@ -69,9 +69,20 @@ UNMOUNT_TIMEOUT = 10.0
 class Driver:
     """Implements the volume verbs over the store, Vault, the plugin identity and the tmpfs mounter."""
 
-    def __init__(self, store: StorePort, vault: VaultPort, identity: TokenSource, mounter: Mounter, scheduler: Scheduler,
-                 *, credentials: VolumeCredentials, wrap_allowed_paths: Sequence[str], hostname: str,
-                 notify: Notify | None = None, mount_timeout: float = 20.0):
+    def __init__(
+        self,
+        store: StorePort,
+        vault: VaultPort,
+        identity: TokenSource,
+        mounter: Mounter,
+        scheduler: Scheduler,
+        *,
+        credentials: VolumeCredentials,
+        wrap_allowed_paths: Sequence[str],
+        hostname: str,
+        notify: Notify | None = None,
+        mount_timeout: float = 20.0,
+    ):
         self._store, self._vault, self._identity, self._mounter = store, vault, identity, mounter
         self._credentials = credentials
         self._scheduler = scheduler
@@ -115,7 +126,9 @@ class Driver:
                     self._revoker.revoke(credential.accessor, credential.token, volume=name)
                 raise
             if credential is not None:
-                self._scheduler.schedule(("volume", name), token_renewal(self._vault, credential.token), renewal_delay(ttl), ttl)
+                self._scheduler.schedule(
+                    ("volume", name), token_renewal(self._vault, credential.token), renewal_delay(ttl), ttl
+                )
         audit.info("volume.create %s", name, extra={"event": "volume.create", "volume": name})
 
     def remove(self, name: str) -> None:
@@ -186,14 +199,18 @@ class Driver:
         spec = parse_spec(self._require_volume(name).options)
         credential = self._store.volume_credential(name)
         if credential is not None and credential.revoked:
-            raise VaultError(f"the credential of volume {name} was revoked by break-glass: remove the volume and "
-                             "create it again with a new wrapped token")
+            raise VaultError(
+                f"the credential of volume {name} was revoked by break-glass: remove the volume and "
+                "create it again with a new wrapped token"
+            )
         parent = credential.token if credential else self._identity.token()
         meta = {"volume": name, "mount_id": mount_id, "host": self._hostname}
         view = self._mounter.view_path(name, mount_id)
         child: IssuedToken | None = None
         if credential is not None and not credential.can_mint:
-            record = MountRecord(name, mount_id, 0, str(view), credential.token, credential.accessor, time.time(), owns_token=False)
+            record = MountRecord(
+                name, mount_id, 0, str(view), credential.token, credential.accessor, time.time(), owns_token=False
+            )
         else:
             child = self._mint(parent, spec, meta)
             record = MountRecord(name, mount_id, 0, str(view), child.token, child.accessor, time.time())
@@ -213,7 +230,12 @@ class Driver:
             self._teardown(record)
             raise
         self._start_upkeep(record, spec, fetched, token_ttl)
-        audit.info("mount %s %s", name, mount_id, extra={"event": "mount", "volume": name, "mount_id": mount_id, "accessor": record.accessor})
+        audit.info(
+            "mount %s %s",
+            name,
+            mount_id,
+            extra={"event": "mount", "volume": name, "mount_id": mount_id, "accessor": record.accessor},
+        )
         return view
 
     def _mint(self, parent: str, spec: Spec, meta: dict[str, str]) -> IssuedToken:
@@ -226,19 +248,30 @@ class Driver:
             # ttl instead (for such roles a lost answer leaves a token for the volume's ttl).
             self._revoker.revoke(child.accessor, child.token, volume=meta["volume"], mount_id=meta["mount_id"])
             child = self._vault.mint_child(parent, spec.role, spec.ttl, meta, display_name=display_name)
-        audit.info("token.mint %s %s", meta["volume"], meta["mount_id"], extra={
-            "event": "token.mint", "volume": meta["volume"], "mount_id": meta["mount_id"], "accessor": child.accessor})
+        audit.info(
+            "token.mint %s %s",
+            meta["volume"],
+            meta["mount_id"],
+            extra={
+                "event": "token.mint",
+                "volume": meta["volume"],
+                "mount_id": meta["mount_id"],
+                "accessor": child.accessor,
+            },
+        )
         return child
 
     def _extend_and_fetch(self, child: IssuedToken | None, token: str, spec: Spec) -> tuple[int, dict[Source, Fetched]]:
         """Read every source with `token` while extending it (when it is the mount's own, `child`): the
         extension costs no round trip of its own. Returns the token's TTL and the secrets."""
-        calls: list[Callable[[], object]] = [functools.partial(self._vault.fetch, token, s.path, s.params) for s in spec.sources]
+        calls: list[Callable[[], object]] = [
+            functools.partial(self._vault.fetch, token, s.path, s.params) for s in spec.sources
+        ]
         if child is not None:
             calls.append(functools.partial(self._extend, child, spec.ttl))
         results = self._vault.concurrently(calls)
         token_ttl = results.pop() if child is not None else spec.ttl
-        return token_ttl, dict(zip(spec.sources, results))  # type: ignore[arg-type]
+        return token_ttl, dict(zip(spec.sources, results, strict=True))  # type: ignore[arg-type]
 
     def _extend(self, child: IssuedToken, ttl: int) -> int:
         """Extend a provisional token (now recorded, so revoked if the Mount fails) to the volume's `ttl`.
@@ -247,7 +280,9 @@ class Driver:
             return child.ttl
         return self._vault.renew_self(child.token, increment=ttl).ttl
 
-    def _container_token(self, record: MountRecord, parent: str, spec: Spec, meta: dict[str, str]) -> tuple[MountRecord, bytes]:
+    def _container_token(
+        self, record: MountRecord, parent: str, spec: Spec, meta: dict[str, str]
+    ) -> tuple[MountRecord, bytes]:
         """Mint a token for the container itself, wrapped: the plugin only ever holds the wrapping token.
 
         The inner token is revoked by accessor at Unmount, which needs that right on the parent.
@@ -258,13 +293,21 @@ class Driver:
                 'path "auth/token/revoke-accessor" { capabilities = ["update"] } to its policy'
             )
         wrapping, accessor = self._vault.mint_wrapped_child(
-            parent, spec.role, spec.ttl, {**meta, "purpose": "token-file"},
-            display_name=f"vault-secrets-{record.volume}-container"[:100], wrap_ttl=TOKEN_FILE_WRAP_TTL,
+            parent,
+            spec.role,
+            spec.ttl,
+            {**meta, "purpose": "token-file"},
+            display_name=f"vault-secrets-{record.volume}-container"[:100],
+            wrap_ttl=TOKEN_FILE_WRAP_TTL,
         )
         record = dataclasses.replace(record, container_token_accessor=accessor)
         self._store.set_container_token_accessor(record.volume, record.mount_id, accessor)
-        audit.info("token.mint %s %s (token-file)", record.volume, record.mount_id,
-                   extra={"event": "token.mint", "volume": record.volume, "mount_id": record.mount_id, "accessor": accessor})
+        audit.info(
+            "token.mint %s %s (token-file)",
+            record.volume,
+            record.mount_id,
+            extra={"event": "token.mint", "volume": record.volume, "mount_id": record.mount_id, "accessor": accessor},
+        )
         return record, wrapping.encode()
 
     def unmount(self, name: str, mount_id: str) -> None:
@@ -281,12 +324,22 @@ class Driver:
                 self._teardown(record)
         audit.info("unmount %s %s", name, mount_id, extra={"event": "unmount", "volume": name, "mount_id": mount_id})
 
-    def _start_upkeep(self, record: MountRecord, spec: Spec, fetched: dict[Source, Fetched] | None = None,
-                      token_ttl: int = 0) -> None:
+    def _start_upkeep(
+        self, record: MountRecord, spec: Spec, fetched: dict[Source, Fetched] | None = None, token_ttl: int = 0
+    ) -> None:
         """Schedule the mount's renewals and refreshes; without `fetched` (after a restart) they start at once.
         `token_ttl`: what Vault granted the mount's token (renewals follow it, not the ttl asked for)."""
-        upkeep = MountUpkeep(record, spec, vault=self._vault, store=self._store, mounter=self._mounter,
-                             scheduler=self._scheduler, fetched=fetched, notify=self._notify, token_ttl=token_ttl)
+        upkeep = MountUpkeep(
+            record,
+            spec,
+            vault=self._vault,
+            store=self._store,
+            mounter=self._mounter,
+            scheduler=self._scheduler,
+            fetched=fetched,
+            notify=self._notify,
+            token_ttl=token_ttl,
+        )
         self._upkeeps[(record.volume, record.mount_id)] = upkeep
         upkeep.start(resumed=fetched is None)
 
@@ -323,7 +376,11 @@ class Driver:
         for record in self._store.mounts():
             with self._hold((record.volume, record.mount_id)):
                 volume = self._store.volume(record.volume)
-                if record.refcount == 0 or volume is None or not self._mounter.is_mounted(record.volume, record.mount_id):
+                if (
+                    record.refcount == 0
+                    or volume is None
+                    or not self._mounter.is_mounted(record.volume, record.mount_id)
+                ):
                     log.info("cleaning up stale mount %s of volume %s", record.mount_id, record.volume)
                     self._teardown(record)
                 elif not record.revoked:
@@ -346,8 +403,12 @@ class Driver:
                 with self._hold((record.volume, record.mount_id)):
                     if self._store.mount(record.volume, record.mount_id) is None:
                         continue
-                    log.warning("releasing mount %s of volume %s: no running container uses the volume "
-                                "(dockerd restarted without sending Unmount?)", record.mount_id, volume)
+                    log.warning(
+                        "releasing mount %s of volume %s: no running container uses the volume "
+                        "(dockerd restarted without sending Unmount?)",
+                        record.mount_id,
+                        volume,
+                    )
                     self._teardown(record)
                     released += 1
         return released
@@ -372,8 +433,11 @@ class Driver:
                     self._revoker.revoke(credential.accessor, credential.token, volume=name)
                     self._store.mark_credential_revoked(name)
                     credentials += 1
-        audit.warning("breakglass.revoke %s", volume or "all volumes", extra={
-            "event": "breakglass.revoke", "volume": volume or "*", "mounts": mounts, "credentials": credentials})
+        audit.warning(
+            "breakglass.revoke %s",
+            volume or "all volumes",
+            extra={"event": "breakglass.revoke", "volume": volume or "*", "mounts": mounts, "credentials": credentials},
+        )
         return {"mounts": mounts, "credentials": credentials}
 
     def retry_pending_revocations(self) -> int:
@@ -386,7 +450,9 @@ class Driver:
         volume = self._store.volume(name)
         if volume is None:
             # Bounded: a volume name is at most 128 characters, but a request may carry any string.
-            raise VolumeNotFoundError(f"no vault-secrets volume named {name[:128]!r}: create it with docker volume create -d vault-secrets")
+            raise VolumeNotFoundError(
+                f"no vault-secrets volume named {name[:128]!r}: create it with docker volume create -d vault-secrets"
+            )
         return volume
 
     @contextmanager

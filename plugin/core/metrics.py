@@ -11,19 +11,30 @@ from plugin.core.errors import InvalidOptionError
 
 MOUNTS_ACTIVE = Gauge("vault_secrets_mounts_active", "Container mounts currently served.")
 MOUNT_SECONDS = Histogram(
-    "vault_secrets_mount_duration_seconds", "Time to answer a Mount that made a new tmpfs (successful or not).",
+    "vault_secrets_mount_duration_seconds",
+    "Time to answer a Mount that made a new tmpfs (successful or not).",
     buckets=(0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 MOUNT_FAILURES = Counter("vault_secrets_mount_failures_total", "Mounts refused (every one leaves nothing behind).")
-VAULT_SECONDS = Histogram("vault_secrets_vault_request_duration_seconds", "Vault request latency.", ["operation"],
-                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+VAULT_SECONDS = Histogram(
+    "vault_secrets_vault_request_duration_seconds",
+    "Vault request latency.",
+    ["operation"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 VAULT_ERRORS = Counter("vault_secrets_vault_request_errors_total", "Vault requests that failed.", ["operation", "kind"])
-VAULT_RETRIES = Counter("vault_secrets_vault_request_retries_total",
-                        "Vault requests sent again after a transient error, within the caller's budget.", ["operation"])
+VAULT_RETRIES = Counter(
+    "vault_secrets_vault_request_retries_total",
+    "Vault requests sent again after a transient error, within the caller's budget.",
+    ["operation"],
+)
 RENEWALS = Counter("vault_secrets_renewals_total", "Successful renewals.", ["kind"])
-RENEWAL_FAILURES = Counter("vault_secrets_renewal_failures_total", "Failed renewal attempts (retried while alive).", ["kind"])
-IDENTITY_SECONDS_LEFT = Gauge("vault_secrets_identity_expiry_seconds",
-                              "Seconds until the plugin's own Vault token expires (0: no identity).")
+RENEWAL_FAILURES = Counter(
+    "vault_secrets_renewal_failures_total", "Failed renewal attempts (retried while alive).", ["kind"]
+)
+IDENTITY_SECONDS_LEFT = Gauge(
+    "vault_secrets_identity_expiry_seconds", "Seconds until the plugin's own Vault token expires (0: no identity)."
+)
 
 
 def parse_address(address: str) -> tuple[str, int]:

@@ -33,13 +33,16 @@ class VaultPort(Protocol):
     `plugin.core.retry`, before it is raised), `TokenInvalidError` when Vault says the token is gone,
     `VaultError` for any other refusal."""
 
-    def mint_child(self, parent: str, role: str | None, ttl: int, meta: Mapping[str, str], display_name: str) -> IssuedToken:
+    def mint_child(
+        self, parent: str, role: str | None, ttl: int, meta: Mapping[str, str], display_name: str
+    ) -> IssuedToken:
         """A child token of `parent` from token role `role` (or with the parent's policies if None); the
         TTL granted may differ from `ttl`."""
         ...
 
-    def mint_wrapped_child(self, parent: str, role: str | None, ttl: int, meta: Mapping[str, str], display_name: str,
-                           wrap_ttl: int) -> tuple[str, str]:
+    def mint_wrapped_child(
+        self, parent: str, role: str | None, ttl: int, meta: Mapping[str, str], display_name: str, wrap_ttl: int
+    ) -> tuple[str, str]:
         """Like `mint_child`, answered wrapped: (wrapping token, accessor of the wrapped token)."""
         ...
 
@@ -158,13 +161,15 @@ class Mounter(Protocol):
 
     def is_mounted(self, volume: str, mount_id: str) -> bool: ...
 
-    def mount(self, volume: str, mount_id: str, files: Mapping[str, bytes], *, uid: int, gid: int, mode: int,
-              size: int) -> Path:
+    def mount(
+        self, volume: str, mount_id: str, files: Mapping[str, bytes], *, uid: int, gid: int, mode: int, size: int
+    ) -> Path:
         """Make the tmpfs holding `files` (owned by uid/gid, `mode`) and its read-only view; all or nothing."""
         ...
 
-    def rewrite(self, volume: str, mount_id: str, files: Mapping[str, bytes], *, uid: int, gid: int,
-                mode: int) -> list[str]:
+    def rewrite(
+        self, volume: str, mount_id: str, files: Mapping[str, bytes], *, uid: int, gid: int, mode: int
+    ) -> list[str]:
         """Replace the files whose bytes changed, each atomically; returns their names."""
         ...
 

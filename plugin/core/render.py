@@ -17,7 +17,9 @@ from plugin.core.template import render_template
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def render_files(spec: Spec, secrets: Mapping[Source, Mapping[str, Any]], only: set[Source] | None = None) -> dict[str, bytes]:
+def render_files(
+    spec: Spec, secrets: Mapping[Source, Mapping[str, Any]], only: set[Source] | None = None
+) -> dict[str, bytes]:
     """Render the files of `spec` from `secrets` (source -> its data); with `only`, just the files using those sources.
 
     Raises `SecretFormatError` if a field is missing or the data cannot take the requested format.

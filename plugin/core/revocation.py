@@ -65,7 +65,9 @@ class Revoker:
                 audit.info("lease.revoke %s", lease_id, extra={"event": "lease.revoke", "lease_id": lease_id, **where})
                 return None
             if next(checks, None) is None:
-                log.error("lease %s outlived the revocation of its token: revoke it by hand (sys/leases/revoke)", lease_id)
+                log.error(
+                    "lease %s outlived the revocation of its token: revoke it by hand (sys/leases/revoke)", lease_id
+                )
                 return None
             return Again(CONFIRM_EVERY)
 

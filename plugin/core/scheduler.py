@@ -172,7 +172,7 @@ class _Entry:
 
 
 def _renewal_kind(key: Hashable) -> str | None:
-    """"token" or "lease" for the tasks that renew one; None for the others (refresh, confirmations)."""
+    """ "token" or "lease" for the tasks that renew one; None for the others (refresh, confirmations)."""
     if isinstance(key, tuple) and key[:1] == ("volume",):
         return "token"
     if isinstance(key, tuple) and key[:1] == ("mount",) and len(key) > 3 and key[3] in ("token", "lease"):
@@ -186,9 +186,14 @@ def _describe(key: Hashable) -> str:
 
 def token_renewal(vault: VaultPort, token: str) -> Task:
     """A task renewing `token` at about two thirds of each new TTL."""
+
     def renew() -> Again:
         issued = vault.renew_self(token)
-        audit.info("token.renew %s", issued.accessor, extra={"event": "token.renew", "accessor": issued.accessor, "ttl": issued.ttl})
+        audit.info(
+            "token.renew %s",
+            issued.accessor,
+            extra={"event": "token.renew", "accessor": issued.accessor, "ttl": issued.ttl},
+        )
         return Again(renewal_delay(issued.ttl), issued.ttl)
 
     return renew

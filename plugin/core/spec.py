@@ -37,8 +37,21 @@ _DURATION_PART = re.compile(r"([0-9]{1,9})([smhd])")
 _SIZE = re.compile(r"([0-9]{1,12})([kKmM]?)")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
-SCALAR_OPTIONS = ("role", "wrapped-token", "role-id", "approle-mount", "token-file", "ttl", "uid", "gid", "mode", "size",
-                  "refresh", "rotate-grace", "notify")
+SCALAR_OPTIONS = (
+    "role",
+    "wrapped-token",
+    "role-id",
+    "approle-mount",
+    "token-file",
+    "ttl",
+    "uid",
+    "gid",
+    "mode",
+    "size",
+    "refresh",
+    "rotate-grace",
+    "notify",
+)
 DEFAULT_REFRESH = 300
 DEFAULT_ROTATE_GRACE = 60
 SIGNALS = ("SIGHUP", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGTERM", "SIGQUIT", "SIGWINCH")
@@ -81,7 +94,9 @@ class SecretFile:
 
     @property
     def sources(self) -> tuple[Source, ...]:
-        return tuple(source for _, source in self.refs) if self.template is not None else (Source(self.path, self.params),)
+        return (
+            tuple(source for _, source in self.refs) if self.template is not None else (Source(self.path, self.params),)
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +134,7 @@ def parse_spec(options: Mapping[str, str] | None) -> Spec:
     for key, value in options.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise InvalidOptionError(
-                f"option {_show(str(key))} must be a string (in compose, quote values such as mode: \"0440\")"
+                f'option {_show(str(key))} must be a string (in compose, quote values such as mode: "0440")'
             )
         if key in TOKEN_OPTIONS:
             raise InvalidOptionError(
@@ -141,9 +156,13 @@ def parse_spec(options: Mapping[str, str] | None) -> Spec:
     if role is not None and wrapped_token is not None:
         raise InvalidOptionError("give role= or wrapped-token=, not both: each says where container tokens come from")
     if role is not None and not _ROLE_NAME.fullmatch(role):
-        raise InvalidOptionError(f"option role={_show(role)} is not a valid token role name (letters, digits, '.', '_', '-')")
+        raise InvalidOptionError(
+            f"option role={_show(role)} is not a valid token role name (letters, digits, '.', '_', '-')"
+        )
     if wrapped_token is not None and not _WRAPPING_TOKEN.fullmatch(wrapped_token):
-        raise InvalidOptionError("option wrapped-token is not a Vault wrapping token (give the token itself, e.g. from -wrap-ttl=5m)")
+        raise InvalidOptionError(
+            "option wrapped-token is not a Vault wrapping token (give the token itself, e.g. from -wrap-ttl=5m)"
+        )
     for key in ("role-id", "approle-mount"):
         if key in options and wrapped_token is None:
             raise InvalidOptionError(f"option {key} only applies with wrapped-token= (a wrapped AppRole SecretID)")
@@ -153,8 +172,10 @@ def parse_spec(options: Mapping[str, str] | None) -> Spec:
     files = _parse_files(options, allow_none=token_file is not None)
     if token_file is not None:
         if not _FILE_NAME.fullmatch(token_file):
-            raise InvalidOptionError(f"option token-file={_show(token_file)}: the file name must be one path component "
-                                     "of letters, digits, '.', '_' or '-', not starting with '.'")
+            raise InvalidOptionError(
+                f"option token-file={_show(token_file)}: the file name must be one path component "
+                "of letters, digits, '.', '_' or '-', not starting with '.'"
+            )
         if token_file in {f.name for f in files}:
             raise InvalidOptionError(f"option token-file={token_file} names the same file as secret.{token_file}")
     return Spec(
@@ -164,15 +185,45 @@ def parse_spec(options: Mapping[str, str] | None) -> Spec:
         role_id=options.get("role-id"),
         approle_mount=options.get("approle-mount", "approle"),
         token_file=token_file,
-        ttl=_parse_bounded("ttl", options.get("ttl"), parse_duration, DEFAULT_TTL, MIN_TTL, MAX_TTL, "a duration such as 90s, 15m, 1h or 1h30m"),
+        ttl=_parse_bounded(
+            "ttl",
+            options.get("ttl"),
+            parse_duration,
+            DEFAULT_TTL,
+            MIN_TTL,
+            MAX_TTL,
+            "a duration such as 90s, 15m, 1h or 1h30m",
+        ),
         uid=_parse_bounded("uid", options.get("uid"), _parse_int, 0, 0, MAX_ID, "a numeric user id such as 1000"),
         gid=_parse_bounded("gid", options.get("gid"), _parse_int, 0, 0, MAX_ID, "a numeric group id such as 1000"),
         mode=_parse_mode(options.get("mode")),
-        size=_parse_bounded("size", options.get("size"), parse_size, DEFAULT_SIZE, MIN_SIZE, MAX_SIZE, "a size such as 512k or 1m (at most 16m)"),
-        refresh=_parse_bounded("refresh", options.get("refresh"), parse_duration, DEFAULT_REFRESH, 0, MAX_TTL,
-                               "a duration such as 30s or 5m, or 0 to turn polling off"),
-        rotate_grace=_parse_bounded("rotate-grace", options.get("rotate-grace"), parse_duration, DEFAULT_ROTATE_GRACE, 0,
-                                    86400, "a duration such as 30s or 5m (at most 1d)"),
+        size=_parse_bounded(
+            "size",
+            options.get("size"),
+            parse_size,
+            DEFAULT_SIZE,
+            MIN_SIZE,
+            MAX_SIZE,
+            "a size such as 512k or 1m (at most 16m)",
+        ),
+        refresh=_parse_bounded(
+            "refresh",
+            options.get("refresh"),
+            parse_duration,
+            DEFAULT_REFRESH,
+            0,
+            MAX_TTL,
+            "a duration such as 30s or 5m, or 0 to turn polling off",
+        ),
+        rotate_grace=_parse_bounded(
+            "rotate-grace",
+            options.get("rotate-grace"),
+            parse_duration,
+            DEFAULT_ROTATE_GRACE,
+            0,
+            86400,
+            "a duration such as 30s or 5m (at most 1d)",
+        ),
         notify=_parse_signal(options.get("notify")),
     )
 
@@ -182,9 +233,13 @@ def _parse_files(options: Mapping[str, str], allow_none: bool) -> tuple[SecretFi
     formats = {k.removeprefix("format."): v for k, v in options.items() if k.startswith("format.")}
     templates = {k.removeprefix("template."): v for k, v in options.items() if k.startswith("template.")}
     if not sources and not templates and not allow_none:
-        raise InvalidOptionError("no secret.<file> option: add at least one, e.g. -o secret.db_password=secret/data/web/db#password")
+        raise InvalidOptionError(
+            "no secret.<file> option: add at least one, e.g. -o secret.db_password=secret/data/web/db#password"
+        )
     if len(sources) + len(templates) > MAX_FILES:
-        raise InvalidOptionError(f"too many secret.<file> and template.<file> options ({len(sources) + len(templates)}): at most {MAX_FILES} files per volume")
+        raise InvalidOptionError(
+            f"too many secret.<file> and template.<file> options ({len(sources) + len(templates)}): at most {MAX_FILES} files per volume"
+        )
     for name in formats:
         if name not in sources:
             raise InvalidOptionError(f"option format.{_show(name)} has no matching secret.{_show(name)} option")
@@ -193,9 +248,19 @@ def _parse_files(options: Mapping[str, str], allow_none: bool) -> tuple[SecretFi
         _check_file_name("template", name)
         if name in sources:
             raise InvalidOptionError(f"file {name} has both a secret.{name} and a template.{name} option: keep one")
-        refs = tuple((ref, _parse_source(f"template.{name}", ref, allow_field=False)) for ref in template_sources(name, text))
-        files.append(SecretFile(name=name, path="", field=None, format="template", template=text,
-                                refs=tuple((ref, Source(path, params)) for ref, (path, params, _) in refs)))
+        refs = tuple(
+            (ref, _parse_source(f"template.{name}", ref, allow_field=False)) for ref in template_sources(name, text)
+        )
+        files.append(
+            SecretFile(
+                name=name,
+                path="",
+                field=None,
+                format="template",
+                template=text,
+                refs=tuple((ref, Source(path, params)) for ref, (path, params, _) in refs),
+            )
+        )
     for name, source in sources.items():
         _check_file_name("secret", name)
         path, params, field = _parse_source(f"secret.{name}", source)
@@ -220,7 +285,9 @@ def _check_file_name(kind: str, name: str) -> None:
         )
 
 
-def _parse_source(option: str, source: str, allow_field: bool = True) -> tuple[str, tuple[tuple[str, str], ...], str | None]:
+def _parse_source(
+    option: str, source: str, allow_field: bool = True
+) -> tuple[str, tuple[tuple[str, str], ...], str | None]:
     """`path[?k=v&...][#field]` -> (path, params, field)."""
     rest, sep, field = source.partition("#")
     path, _, query = rest.partition("?")
@@ -239,7 +306,7 @@ def _parse_source(option: str, source: str, allow_field: bool = True) -> tuple[s
         if not _PARAM_KEY.fullmatch(key) or any(ord(c) < 32 for c in value):
             raise InvalidOptionError(f"option {option}: parameter {_show(key)} has a forbidden character")
     if sep and not allow_field:
-        raise InvalidOptionError(f"option {option}: use secret(\"{path}\").field in the template, not #field")
+        raise InvalidOptionError(f'option {option}: use secret("{path}").field in the template, not #field')
     if sep and not field:
         raise InvalidOptionError(f"option {option}: empty field after '#'")
     if sep and any(c in field for c in "\x00/\n\r"):

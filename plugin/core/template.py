@@ -49,7 +49,7 @@ def template_sources(name: str, text: str) -> tuple[str, ...]:
     for used in tree.find_all(nodes.Name):
         if used.ctx == "load" and used.name not in allowed:
             raise InvalidOptionError(
-                f"option template.{name}: unknown name {used.name!r}; a template can use only secret(\"<path>\")"
+                f'option template.{name}: unknown name {used.name!r}; a template can use only secret("<path>")'
             )
     return tuple(dict.fromkeys(sources))
 
@@ -68,6 +68,7 @@ def render_template(name: str, text: str, secrets: Mapping[str, Mapping[str, Any
 
     Raises `SecretFormatError` naming the file and what is wrong (a missing field, a type error).
     """
+
     def secret(source: str) -> Mapping[str, Any]:
         return secrets[source]
 

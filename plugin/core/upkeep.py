@@ -30,17 +30,29 @@ Notify = Callable[[str, str], None]  # (volume, signal)
 
 def fetch_all(vault: VaultPort, token: str, sources: tuple[Source, ...]) -> dict[Source, Fetched]:
     """One request per source, made concurrently."""
-    return dict(zip(sources, vault.fetch_many(token, [(s.path, s.params) for s in sources])))
+    return dict(zip(sources, vault.fetch_many(token, [(s.path, s.params) for s in sources]), strict=True))
 
 
 class MountUpkeep:
     """The scheduled work of one mount. `start()` after Mount or at plugin start, `stop()` at teardown."""
 
-    def __init__(self, record: MountRecord, spec: Spec, *, vault: VaultPort, store: StorePort, mounter: Mounter,
-                 scheduler: Scheduler, fetched: Mapping[Source, Fetched] | None = None, notify: Notify | None = None,
-                 token_ttl: int = 0):
+    def __init__(
+        self,
+        record: MountRecord,
+        spec: Spec,
+        *,
+        vault: VaultPort,
+        store: StorePort,
+        mounter: Mounter,
+        scheduler: Scheduler,
+        fetched: Mapping[Source, Fetched] | None = None,
+        notify: Notify | None = None,
+        token_ttl: int = 0,
+    ):
         self._record, self._spec = record, spec
-        self._token_ttl = token_ttl  # as granted by Vault at Mount (a role's period or max TTL may cut the ttl asked for)
+        self._token_ttl = (
+            token_ttl  # as granted by Vault at Mount (a role's period or max TTL may cut the ttl asked for)
+        )
         self._vault, self._store, self._mounter, self._scheduler = vault, store, mounter, scheduler
         self._notify = notify
         # In memory only (secrets never touch disk); empty after a plugin restart, filled again on demand.
@@ -54,13 +66,19 @@ class MountUpkeep:
         """Schedule the mount's renewals; `resumed` (after a restart) renews at once, as lifetimes are unknown."""
         token_ttl = 0 if resumed else self._token_ttl
         if self._record.owns_token:
-            self._schedule((*self._key, "token"), token_renewal(self._vault, self._record.token),
-                           renewal_delay(token_ttl), token_ttl or None)
+            self._schedule(
+                (*self._key, "token"),
+                token_renewal(self._vault, self._record.token),
+                renewal_delay(token_ttl),
+                token_ttl or None,
+            )
         leases = self._store.leases(self._record.volume, self._record.mount_id)
         for source in self._spec.sources:
             if str(source) in leases:
                 ttl = 0 if resumed else self._current[source].lease_duration
-                self._schedule((*self._key, "lease", str(source)), self._lease_task(source), renewal_delay(ttl), ttl or None)
+                self._schedule(
+                    (*self._key, "lease", str(source)), self._lease_task(source), renewal_delay(ttl), ttl or None
+                )
         if self._spec.refresh and any(str(s) not in leases for s in self._spec.sources):
             self._schedule((*self._key, "refresh"), self._refresh, self._spec.refresh)
 
@@ -81,8 +99,17 @@ class MountUpkeep:
                 return self._reissue({source})
             first = self._first_duration.get(source)
             ttl = self._vault.renew_lease(self._record.token, lease_id, increment=first)
-            audit.info("lease.renew %s", lease_id, extra={"event": "lease.renew", "volume": self._record.volume,
-                                                          "mount_id": self._record.mount_id, "lease_id": lease_id, "ttl": ttl})
+            audit.info(
+                "lease.renew %s",
+                lease_id,
+                extra={
+                    "event": "lease.renew",
+                    "volume": self._record.volume,
+                    "mount_id": self._record.mount_id,
+                    "lease_id": lease_id,
+                    "ttl": ttl,
+                },
+            )
             self._first_duration.setdefault(source, ttl)
             if ttl < self._first_duration[source] * CAPPED:
                 self._final.add(source)  # Vault capped it: the next run issues a new secret instead
@@ -102,16 +129,29 @@ class MountUpkeep:
     def _retire(self, source: Source, old_lease: str | None, new_lease: str) -> None:
         """A new lease replaced `old_lease`: readers get `rotate-grace` to move over before it is revoked."""
         log.info("issued a new secret for %s of volume %s (lease %s)", source, self._record.volume, new_lease)
-        audit.info("secret.rotate %s", source, extra={"event": "secret.rotate", "volume": self._record.volume,
-                                                       "mount_id": self._record.mount_id, "lease_id": new_lease})
+        audit.info(
+            "secret.rotate %s",
+            source,
+            extra={
+                "event": "secret.rotate",
+                "volume": self._record.volume,
+                "mount_id": self._record.mount_id,
+                "lease_id": new_lease,
+            },
+        )
         if old_lease and old_lease != new_lease:
-            self._scheduler.schedule(("revoke-lease", old_lease), self._revoke_later(old_lease), self._spec.rotate_grace)
+            self._scheduler.schedule(
+                ("revoke-lease", old_lease), self._revoke_later(old_lease), self._spec.rotate_grace
+            )
 
     def _revoke_later(self, lease_id: str) -> Callable[[], None]:
         def revoke() -> None:
             self._vault.revoke_lease(self._record.token, lease_id)
-            audit.info("lease.revoke %s", lease_id, extra={"event": "lease.revoke", "lease_id": lease_id,
-                                                            "volume": self._record.volume})
+            audit.info(
+                "lease.revoke %s",
+                lease_id,
+                extra={"event": "lease.revoke", "lease_id": lease_id, "volume": self._record.volume},
+            )
 
         return revoke
 
@@ -149,8 +189,14 @@ class MountUpkeep:
                 self._store.set_lease(self._record.volume, self._record.mount_id, str(source), new.lease_id)
                 self._retire(source, old.get(str(source)), new.lease_id)
         files = render_files(self._spec, {s: f.data for s, f in self._current.items()}, only=set(needed))
-        written = self._mounter.rewrite(self._record.volume, self._record.mount_id, files, uid=self._spec.uid,
-                                        gid=self._spec.gid, mode=self._spec.mode)
+        written = self._mounter.rewrite(
+            self._record.volume,
+            self._record.mount_id,
+            files,
+            uid=self._spec.uid,
+            gid=self._spec.gid,
+            mode=self._spec.mode,
+        )
         if written:
             log.info("rewrote %s of volume %s", ", ".join(written), self._record.volume)
             if self._spec.notify and self._notify is not None:
@@ -158,4 +204,3 @@ class MountUpkeep:
                     self._notify(self._record.volume, self._spec.notify)
                 except PluginError as e:
                     log.warning("could not signal the containers of volume %s: %s", self._record.volume, e)
-

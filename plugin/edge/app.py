@@ -98,8 +98,14 @@ def _install_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException) -> Response:
-        return _reply({"Err": f"{e.code} {e.name}: {request.path} is not a call this plugin accepts"
-                       if e.code in (404, 405) else f"{e.code} {e.name}"}, e.code or 500)
+        return _reply(
+            {
+                "Err": f"{e.code} {e.name}: {request.path} is not a call this plugin accepts"
+                if e.code in (404, 405)
+                else f"{e.code} {e.name}"
+            },
+            e.code or 500,
+        )
 
     @app.errorhandler(Exception)
     def unexpected(e: Exception) -> Response:

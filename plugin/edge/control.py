@@ -19,7 +19,9 @@ def call(path: Path, verb: str, body: dict[str, Any], timeout: float = 30) -> di
     try:
         _, reply = request(path, "POST", f"/Control.{verb}", body, timeout)
     except (FileNotFoundError, ConnectionRefusedError) as e:
-        raise ControlError(f"no plugin is listening on {path}: is vault-secrets-plugin serve running with this --state-dir?") from e
+        raise ControlError(
+            f"no plugin is listening on {path}: is vault-secrets-plugin serve running with this --state-dir?"
+        ) from e
     except PermissionError as e:
         raise ControlError(f"cannot connect to {path}: the control socket is root-only") from e
     except (OSError, http.client.HTTPException, ValueError) as e:

@@ -40,7 +40,9 @@ def check_seal_key(settings: Settings) -> None:
             "in it cannot be opened: restore seal.key from the same backup, or move the state directory aside to start "
             "afresh (volumes must then be created again)"
         )
-    if settings.key_path.exists() and (not settings.database_path.exists() or settings.database_path.stat().st_size == 0):
+    if settings.key_path.exists() and (
+        not settings.database_path.exists() or settings.database_path.stat().st_size == 0
+    ):
         raise StateError(
             f"the state database {settings.database_path} is missing or empty but its seal key {settings.key_path} "
             "exists: restore the database from backup, or move the state directory aside to start afresh (volumes "
@@ -83,8 +85,15 @@ def check_state(settings: Settings) -> None:
 class PluginServer(BaseApplication):
     """gunicorn running the plugin on a Unix socket with one threaded worker."""
 
-    def __init__(self, settings: Settings, build: Callable[[Settings], Any], *, threads: int = 16, log_level: str = "info",
-                 log_format: str = "json"):
+    def __init__(
+        self,
+        settings: Settings,
+        build: Callable[[Settings], Any],
+        *,
+        threads: int = 16,
+        log_level: str = "info",
+        log_format: str = "json",
+    ):
         self._settings, self._build = settings, build
         self._threads = threads
         self._logging = logging_config(log_level, log_format)
@@ -112,7 +121,9 @@ class PluginServer(BaseApplication):
         return self._build(self._settings)  # in the worker, after the fork
 
 
-def serve(settings: Settings, build: Callable[[Settings], Any], *, log_level: str = "info", log_format: str = "json") -> None:
+def serve(
+    settings: Settings, build: Callable[[Settings], Any], *, log_level: str = "info", log_format: str = "json"
+) -> None:
     """Check the state directory, then serve the WSGI application `build(settings)` makes in the worker
     (the composition root: it must import the heavy parts itself, so that the master stays lean)."""
     logging.config.dictConfig(logging_config(log_level, log_format))

@@ -32,7 +32,11 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 def _mount(source: str, target: Path, fstype: str | None, flags: int, data: str | None = None) -> None:
     rc = _libc.mount(
-        source.encode(), str(target).encode(), fstype.encode() if fstype else None, flags, data.encode() if data else None
+        source.encode(),
+        str(target).encode(),
+        fstype.encode() if fstype else None,
+        flags,
+        data.encode() if data else None,
     )
     if rc != 0:
         err = ctypes.get_errno()
@@ -64,7 +68,9 @@ class TmpfsMounter(Mounter):
     def is_mounted(self, volume: str, mount_id: str) -> bool:
         return os.path.ismount(self.view_path(volume, mount_id))
 
-    def mount(self, volume: str, mount_id: str, files: Mapping[str, bytes], *, uid: int, gid: int, mode: int, size: int) -> Path:
+    def mount(
+        self, volume: str, mount_id: str, files: Mapping[str, bytes], *, uid: int, gid: int, mode: int, size: int
+    ) -> Path:
         """Mount a fresh tmpfs holding `files` and return its read-only view.
 
         On failure everything made so far is removed before `MountError` is raised.
@@ -89,7 +95,9 @@ class TmpfsMounter(Mounter):
             raise MountError(f"could not create the tmpfs for volume {volume}: {e.strerror} ({e.filename})") from e
         return view
 
-    def rewrite(self, volume: str, mount_id: str, files: Mapping[str, bytes], *, uid: int, gid: int, mode: int) -> list[str]:
+    def rewrite(
+        self, volume: str, mount_id: str, files: Mapping[str, bytes], *, uid: int, gid: int, mode: int
+    ) -> list[str]:
         """Replace the files whose content changed, each atomically; returns the names written."""
         data = self._root / volume / mount_id / "data"
         written = []
@@ -147,7 +155,7 @@ def write_atomically(directory: Path, name: str, content: bytes, *, uid: int, gi
         os.fchmod(fd, mode)
         view = memoryview(content)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
     finally:
         os.close(fd)
     os.rename(temp, directory / name)

@@ -28,7 +28,7 @@ class Sealer:
         self._aead = AESGCM(key)
 
     @classmethod
-    def load_or_create(cls, key_path: Path) -> "Sealer":
+    def load_or_create(cls, key_path: Path) -> Sealer:
         """Read the key file, creating it (mode 0600, 32 random bytes) on first start.
 
         Raises `StateError` if the file is readable by others or has the wrong size.

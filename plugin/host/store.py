@@ -132,7 +132,9 @@ class Store(StorePort, IdentityStore):
                 try:
                     # executescript commits any open transaction first, so each step carries its own, and
                     # a step that fails is undone whole.
-                    self._db.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[step]} PRAGMA user_version={step + 1}; COMMIT;")
+                    self._db.executescript(
+                        f"BEGIN IMMEDIATE; {MIGRATIONS[step]} PRAGMA user_version={step + 1}; COMMIT;"
+                    )
                 except sqlite3.Error as e:
                     if self._db.in_transaction:
                         self._db.execute("ROLLBACK")
@@ -156,7 +158,12 @@ class Store(StorePort, IdentityStore):
             if credential is not None:
                 self._db.execute(
                     "INSERT INTO volume_credentials (volume, token, accessor, can_mint) VALUES (?, ?, ?, ?)",
-                    (name, self._sealer.seal(credential.token, f"volume:{name}"), credential.accessor, credential.can_mint),
+                    (
+                        name,
+                        self._sealer.seal(credential.token, f"volume:{name}"),
+                        credential.accessor,
+                        credential.can_mint,
+                    ),
                 )
 
     def volume_credential(self, name: str) -> VolumeCredential | None:
@@ -164,12 +171,20 @@ class Store(StorePort, IdentityStore):
             row = self._db.execute(
                 "SELECT token, accessor, can_mint, revoked FROM volume_credentials WHERE volume = ?", (name,)
             ).fetchone()
-        return VolumeCredential(self._sealer.unseal(row[0], f"volume:{name}"), row[1], bool(row[2]), bool(row[3])) if row else None
+        return (
+            VolumeCredential(self._sealer.unseal(row[0], f"volume:{name}"), row[1], bool(row[2]), bool(row[3]))
+            if row
+            else None
+        )
 
     def volume_credentials(self) -> dict[str, VolumeCredential]:
         with self._lock:
-            rows = self._db.execute("SELECT volume, token, accessor, can_mint, revoked FROM volume_credentials").fetchall()
-        return {v: VolumeCredential(self._sealer.unseal(t, f"volume:{v}"), a, bool(c), bool(r)) for v, t, a, c, r in rows}
+            rows = self._db.execute(
+                "SELECT volume, token, accessor, can_mint, revoked FROM volume_credentials"
+            ).fetchall()
+        return {
+            v: VolumeCredential(self._sealer.unseal(t, f"volume:{v}"), a, bool(c), bool(r)) for v, t, a, c, r in rows
+        }
 
     def mark_credential_revoked(self, name: str) -> None:
         with self._transaction():
@@ -198,8 +213,17 @@ class Store(StorePort, IdentityStore):
             self._db.execute(
                 "INSERT INTO mounts (volume, mount_id, refcount, mountpoint, token, accessor, owns_token,"
                 " container_token_accessor, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (record.volume, record.mount_id, record.refcount, record.mountpoint, sealed, record.accessor,
-                 record.owns_token, record.container_token_accessor, record.created_at),
+                (
+                    record.volume,
+                    record.mount_id,
+                    record.refcount,
+                    record.mountpoint,
+                    sealed,
+                    record.accessor,
+                    record.owns_token,
+                    record.container_token_accessor,
+                    record.created_at,
+                ),
             )
 
     def set_refcount(self, volume: str, mount_id: str, refcount: int) -> None:
@@ -211,7 +235,8 @@ class Store(StorePort, IdentityStore):
     def set_container_token_accessor(self, volume: str, mount_id: str, accessor: str) -> None:
         with self._transaction():
             self._db.execute(
-                "UPDATE mounts SET container_token_accessor = ? WHERE volume = ? AND mount_id = ?", (accessor, volume, mount_id)
+                "UPDATE mounts SET container_token_accessor = ? WHERE volume = ? AND mount_id = ?",
+                (accessor, volume, mount_id),
             )
 
     def active_mountpoints(self, volume: str) -> list[str]:
@@ -264,7 +289,9 @@ class Store(StorePort, IdentityStore):
                 args,
             ).fetchall()
         return [
-            MountRecord(v, m, rc, mp, self._sealer.unseal(tok, _mount_context(v, m)), acc, ts, bool(own), cta, bool(rev))
+            MountRecord(
+                v, m, rc, mp, self._sealer.unseal(tok, _mount_context(v, m)), acc, ts, bool(own), cta, bool(rev)
+            )
             for v, m, rc, mp, tok, acc, ts, own, cta, rev in rows
         ]
 
@@ -297,8 +324,10 @@ class Store(StorePort, IdentityStore):
         """Keep (sealed) a SecretID unwrapped from `source` until a login with it succeeds."""
         sealed = self._sealer.seal(secret_id, "pending-secret-id")
         with self._transaction():
-            self._db.execute("INSERT OR REPLACE INTO pending_secret_id (id, secret_id, source, since) VALUES (1, ?, ?, ?)",
-                             (sealed, source, time.time()))
+            self._db.execute(
+                "INSERT OR REPLACE INTO pending_secret_id (id, secret_id, source, since) VALUES (1, ?, ?, ?)",
+                (sealed, source, time.time()),
+            )
 
     def pending_secret_id(self) -> tuple[str, str] | None:
         """(SecretID, where it was unwrapped from), if one awaits its login."""
@@ -314,8 +343,10 @@ class Store(StorePort, IdentityStore):
         """The login with the pending SecretID succeeded: keep its token and drop the SecretID, in one step."""
         sealed = self._sealer.seal(record.token, "identity")
         with self._transaction():
-            self._db.execute("INSERT OR REPLACE INTO identity (id, token, accessor, obtained_at) VALUES (1, ?, ?, ?)",
-                             (sealed, record.accessor, record.obtained_at))
+            self._db.execute(
+                "INSERT OR REPLACE INTO identity (id, token, accessor, obtained_at) VALUES (1, ?, ?, ?)",
+                (sealed, record.accessor, record.obtained_at),
+            )
             self._db.execute("DELETE FROM pending_secret_id")
 
     def mark_wrapping_token_consumed(self, digest: str) -> None:
@@ -352,7 +383,9 @@ class Store(StorePort, IdentityStore):
     def pending_revocations(self) -> list[tuple[str, str, bool]]:
         """(accessor, token, by_accessor) of revocations still owed to Vault, oldest first."""
         with self._lock:
-            rows = self._db.execute("SELECT accessor, token, by_accessor FROM pending_revocations ORDER BY since").fetchall()
+            rows = self._db.execute(
+                "SELECT accessor, token, by_accessor FROM pending_revocations ORDER BY since"
+            ).fetchall()
         return [(acc, self._sealer.unseal(tok, f"revoke:{acc}"), bool(by)) for acc, tok, by in rows]
 
     def remove_pending_revocation(self, accessor: str) -> None:

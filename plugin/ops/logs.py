@@ -31,7 +31,9 @@ class JSONFormatter(logging.Formatter):
 
 def logging_config(level: str, fmt: str) -> dict[str, Any]:
     """A dictConfig for the plugin and gunicorn alike (gunicorn applies it as its `logconfig_dict`)."""
-    formatter = {"()": JSONFormatter} if fmt == "json" else {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+    formatter = (
+        {"()": JSONFormatter} if fmt == "json" else {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+    )
     return {
         "version": 1,
         "disable_existing_loggers": False,

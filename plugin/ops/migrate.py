@@ -71,17 +71,21 @@ def plan(compose: object, source: str, choices: Choices) -> tuple[list[Service],
     volumes, migrated, notices, seen = compose.get("volumes") or {}, [], [], set()
     for name, svc in compose["services"].items():
         for env_file in _as_list((svc or {}).get("env_file")):
-            notices.append(f"{name}: env_file {env_file.get('path') if isinstance(env_file, dict) else env_file} is not "
-                           "migrated automatically: move its secrets into environment: and run migrate again")
+            notices.append(
+                f"{name}: env_file {env_file.get('path') if isinstance(env_file, dict) else env_file} is not "
+                "migrated automatically: move its secrets into environment: and run migrate again"
+            )
         if isinstance(svc, dict) and svc.get("environment") is not None:
             migrated += _service(f"{source}: service {name}", name, svc, volumes, choices, notices, seen)
     for key in [*choices.only, *choices.exclude]:
         if key not in seen:
             raise MigrationError(f"--only/--exclude {key}: no service in {source} has an environment entry {key}")
     if left := _leftovers(compose, migrated):
-        raise MigrationError(f"{source}: {', '.join(left)} would still hold a value that moves to Vault (YAML anchors are "
-                             "expanded into the services, their x- definitions stay): move the entry into each service's "
-                             "environment, or --exclude it")
+        raise MigrationError(
+            f"{source}: {', '.join(left)} would still hold a value that moves to Vault (YAML anchors are "
+            "expanded into the services, their x- definitions stay): move the entry into each service's "
+            "environment, or --exclude it"
+        )
     if migrated:
         compose["volumes"] = volumes
     return migrated, notices
@@ -92,8 +96,11 @@ def _service(where, name, svc, volumes, c: Choices, notices, seen) -> list[Servi
     if not isinstance(env, (dict, list)):
         raise MigrationError(f"{where}: environment must be a mapping or a list of KEY=value")
     # (key, value as compose passes it or None when it comes from the shell, the entry as written)
-    items = [(str(k), _text(v), v) for k, v in env.items()] if isinstance(env, dict) else [
-        (k, v if sep else None, entry) for entry in env for k, sep, v in [str(entry).partition("=")]]
+    items = (
+        [(str(k), _text(v), v) for k, v in env.items()]
+        if isinstance(env, dict)
+        else [(k, v if sep else None, entry) for entry in env for k, sep, v in [str(entry).partition("=")]]
+    )
     seen.update(key for key, _, _ in items)
     secrets, env_out = {}, []
     for key, value, original in items:
@@ -101,14 +108,20 @@ def _service(where, name, svc, volumes, c: Choices, notices, seen) -> list[Servi
         reason = classify(key, value) or (classify(key, None) if from_shell else None)
         if (key in c.only if c.only else reason is not None) and key not in c.exclude:
             if from_shell:
-                notices.append(f"{name}: {key} is left as is: its value comes from your shell when compose runs, so migrate "
-                               f"cannot move it; store it yourself (bao kv patch -mount={c.mount} {kv_path} {key}=-) and "
-                               "add it to the volume")
+                notices.append(
+                    f"{name}: {key} is left as is: its value comes from your shell when compose runs, so migrate "
+                    f"cannot move it; store it yourself (bao kv patch -mount={c.mount} {kv_path} {key}=-) and "
+                    "add it to the volume"
+                )
             else:
                 secrets[key] = value.replace("$$", "$")  # `$$` is compose's escape of a literal `$`
                 notices.append(f"{name}: {key} moves to {c.mount}/data/{kv_path} ({reason or 'chosen with --only'})")
                 file = f"{c.target}/{key.lower()}"
-                env_out += [(f"{key}_FILE", file if isinstance(env, dict) else f"{key}_FILE={file}")] if c.consume == "file" else []
+                env_out += (
+                    [(f"{key}_FILE", file if isinstance(env, dict) else f"{key}_FILE={file}")]
+                    if c.consume == "file"
+                    else []
+                )
                 continue
         env_out.append((key, original))
     if not secrets:
@@ -116,21 +129,30 @@ def _service(where, name, svc, volumes, c: Choices, notices, seen) -> list[Servi
     volume, options = f"{c.project}-{name}-secrets", {"role": name, **_owner(name, svc.get("user"), notices)}
     if c.consume == "env":
         options.update({f"secret.{name}.env": f"{c.mount}/data/{kv_path}", f"format.{name}.env": "env"})
-        notices.append(f"{name}: the app must load {c.target}/{name}.env itself: start it with "
-                       f"sh -c 'set -a; . {c.target}/{name}.env; set +a; exec <command>'")
+        notices.append(
+            f"{name}: the app must load {c.target}/{name}.env itself: start it with "
+            f"sh -c 'set -a; . {c.target}/{name}.env; set +a; exec <command>'"
+        )
     else:
         options.update({f"secret.{key.lower()}": f"{c.mount}/data/{kv_path}#{key}" for key in secrets})
-        notices.append(f"{name}: the app now reads {', '.join(k + '_FILE' for k in secrets)}; if it cannot read "
-                       "*_FILE variables, run migrate with --consume env")
+        notices.append(
+            f"{name}: the app now reads {', '.join(k + '_FILE' for k in secrets)}; if it cannot read "
+            "*_FILE variables, run migrate with --consume env"
+        )
     try:
         parse_spec(options)
     except InvalidOptionError as e:
-        raise MigrationError(f"{where}: the volume options would be refused ({e}); leave that entry out with --exclude") from e
+        raise MigrationError(
+            f"{where}: the volume options would be refused ({e}); leave that entry out with --exclude"
+        ) from e
     keys, files = [k for k, _ in env_out], [k.lower() for k in secrets]
     if clashes := sorted({k for k in keys if keys.count(k) > 1} | {k for k in secrets if files.count(k.lower()) > 1}):
-        raise MigrationError(f"{where}: {', '.join(clashes)} would be defined twice (or as the same file); leave one out "
-                             "with --exclude")
-    mounted = [v.get("target") if isinstance(v, dict) else (str(v).split(":") * 2)[1] for v in _as_list(svc.get("volumes"))]
+        raise MigrationError(
+            f"{where}: {', '.join(clashes)} would be defined twice (or as the same file); leave one out with --exclude"
+        )
+    mounted = [
+        v.get("target") if isinstance(v, dict) else (str(v).split(":") * 2)[1] for v in _as_list(svc.get("volumes"))
+    ]
     if c.target in mounted or (svc.get("secrets") and c.target == "/run/secrets"):
         raise MigrationError(f"{where} already uses {c.target} (a volume, or compose secrets:); give another --target")
     if volume in volumes:
@@ -139,8 +161,10 @@ def _service(where, name, svc, volumes, c: Choices, notices, seen) -> list[Servi
         svc["environment"] = dict(env_out) if isinstance(env, dict) else [entry for _, entry in env_out]
     else:
         del svc["environment"]
-    svc["volumes"] = [*_as_list(svc.get("volumes")),
-                      {"type": "volume", "source": volume, "target": c.target, "read_only": True, "volume": {"nocopy": True}}]
+    svc["volumes"] = [
+        *_as_list(svc.get("volumes")),
+        {"type": "volume", "source": volume, "target": c.target, "read_only": True, "volume": {"nocopy": True}},
+    ]
     volumes[volume] = {"driver": "vault-secrets", "driver_opts": options}
     return [Service(name, kv_path, secrets)]
 
@@ -166,29 +190,43 @@ def _owner(name: str, user: object, notices: list[str]) -> dict[str, str]:
     """uid/gid options from the service's `user:` when numeric, so the app can read its files."""
     uid, _, gid = str(user).partition(":") if user is not None else ("", "", "")
     if uid and not uid.isdigit():
-        notices.append(f"{name}: user {uid!r} is not numeric: set uid= (and gid=) on the volume to its numeric id, "
-                       "or the files stay owned by root with mode 0400")
+        notices.append(
+            f"{name}: user {uid!r} is not numeric: set uid= (and gid=) on the volume to its numeric id, "
+            "or the files stay owned by root with mode 0400"
+        )
     return {k: v for k, v in (("uid", uid), ("gid", gid)) if v.isdigit()}
 
 
 def script(services: list[Service], mount: str, *, show_values: bool, stored: bool, set_up: bool) -> str:
     """The Vault / OpenBao commands creating what the volumes read, as a `sh` script for the operator."""
-    lines = ["#!/bin/sh", "# Vault / OpenBao setup for the migrated services: run it with your own token (bao login).",
-             "set -eu"]
+    lines = [
+        "#!/bin/sh",
+        "# Vault / OpenBao setup for the migrated services: run it with your own token (bao login).",
+        "set -eu",
+    ]
     if not (show_values or stored):
-        lines += [f"# The values are redacted: replace each {REDACTED} below and delete the next two lines,",
-                  "# or let migrate store them (--write), or print them (--show-values).",
-                  "echo 'edit this script first: its secret values are redacted' >&2", "exit 1"]
+        lines += [
+            f"# The values are redacted: replace each {REDACTED} below and delete the next two lines,",
+            "# or let migrate store them (--write), or print them (--show-values).",
+            "echo 'edit this script first: its secret values are redacted' >&2",
+            "exit 1",
+        ]
     for s in services:
-        lines.append(f"\n# {s.name}: {len(s.secrets)} secret(s) at {mount}/data/{s.kv_path}, read with token role {s.name}")
+        lines.append(
+            f"\n# {s.name}: {len(s.secrets)} secret(s) at {mount}/data/{s.kv_path}, read with token role {s.name}"
+        )
         if stored:
             lines.append("# (stored by migrate --write)")
         else:  # JSON on stdin: no value is ever read as @file or -, and any character survives
             data = {k: (v if show_values else REDACTED) for k, v in s.secrets.items()}
             lines += [f"bao kv put -mount={mount} -cas=0 {s.kv_path} - <<'JSON'", json.dumps(data, indent=2), "JSON"]
         if not set_up:
-            lines += [f"bao policy write {s.policy} - <<'HCL'", _policy(mount, s).rstrip(), "HCL",
-                      f"bao write auth/token/roles/{s.name} allowed_policies={s.policy} renewable=true"]
+            lines += [
+                f"bao policy write {s.policy} - <<'HCL'",
+                _policy(mount, s).rstrip(),
+                "HCL",
+                f"bao write auth/token/roles/{s.name} allowed_policies={s.policy} renewable=true",
+            ]
     lines += ["\n# Add to the plugin's own policy (vault-secrets-plugin), so it may mint tokens from these roles:"]
     lines += [f'#   path "auth/token/create/{s.name}" {{ capabilities = ["update"] }}' for s in services]
     return "\n".join(lines) + "\n"
@@ -205,7 +243,9 @@ def store(services: list[Service], mount: str, addr: str | None, *, overwrite: b
 
     vault = OperatorVault(addr, os.environ.get("VAULT_TOKEN") or os.environ.get("BAO_TOKEN"))
     if not vault.has_token:  # hvac also read ~/.vault-token
-        raise MigrationError("no Vault token: set VAULT_TOKEN or log in (bao login); use your own token, never the plugin's")
+        raise MigrationError(
+            "no Vault token: set VAULT_TOKEN or log in (bao login); use your own token, never the plugin's"
+        )
     path = f"sys/internal/ui/mounts/{mount}"
     try:
         try:
@@ -213,17 +253,23 @@ def store(services: list[Service], mount: str, addr: str | None, *, overwrite: b
         except PermissionDeniedError as e:
             raise MigrationError(f"no secrets engine at {mount}/ on {vault.url} that your token may use") from e
         if version != "2":
-            raise MigrationError(f"{mount}/ at {vault.url} is not a KV version 2 mount (version {version or 'unknown'})")
+            raise MigrationError(
+                f"{mount}/ at {vault.url} is not a KV version 2 mount (version {version or 'unknown'})"
+            )
         exists = []
         for s in [] if overwrite else services:
             try:
                 exists += [f"{mount}/data/{s.kv_path}"] if vault.exists(path := f"{mount}/metadata/{s.kv_path}") else []
             except PermissionDeniedError:
                 pass  # a token may write data without reading metadata: check-and-set still refuses
-            if set_up and (vault.exists(path := f"sys/policies/acl/{s.policy}") or vault.exists(f"auth/token/roles/{s.name}")):
+            if set_up and (
+                vault.exists(path := f"sys/policies/acl/{s.policy}") or vault.exists(f"auth/token/roles/{s.name}")
+            ):
                 exists.append(f"policy {s.policy} or token role {s.name}")
         if exists:
-            raise MigrationError(f"already exists, nothing written: {', '.join(exists)}; rerun with --overwrite to replace")
+            raise MigrationError(
+                f"already exists, nothing written: {', '.join(exists)}; rerun with --overwrite to replace"
+            )
         for s in services:
             path = f"{mount}/data/{s.kv_path}"
             vault.write_kv(mount, s.kv_path, s.secrets, cas=None if overwrite else 0)
@@ -245,22 +291,60 @@ def store(services: list[Service], mount: str, addr: str | None, *, overwrite: b
 @click.command()
 @click.argument("compose_file", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--kv-mount", default="secret", show_default=True, help="Mount path of the KV version 2 engine.")
-@click.option("--path-prefix", help="Secrets go to <kv-mount>/data/<path-prefix>/<service>.  [default: the project name]")
+@click.option(
+    "--path-prefix", help="Secrets go to <kv-mount>/data/<path-prefix>/<service>.  [default: the project name]"
+)
 @click.option("-p", "--project-name", help="For volume names.  [default: name: in the file, else its directory]")
-@click.option("--only", multiple=True, metavar="NAME", help="Migrate exactly these entries, whatever the guess (repeatable).")
+@click.option(
+    "--only", multiple=True, metavar="NAME", help="Migrate exactly these entries, whatever the guess (repeatable)."
+)
 @click.option("--exclude", multiple=True, metavar="NAME", help="Never migrate this entry (repeatable).")
-@click.option("--consume", type=click.Choice(["file", "env"]), default="file", show_default=True,
-              help="file: one file per secret, and KEY_FILE=<path> entries; env: one <service>.env file to source.")
-@click.option("--target", default="/run/secrets", show_default=True, help="Where the volume is mounted in the containers.")
+@click.option(
+    "--consume",
+    type=click.Choice(["file", "env"]),
+    default="file",
+    show_default=True,
+    help="file: one file per secret, and KEY_FILE=<path> entries; env: one <service>.env file to source.",
+)
+@click.option(
+    "--target", default="/run/secrets", show_default=True, help="Where the volume is mounted in the containers."
+)
 @click.option("--show-values", is_flag=True, help="Put the secret values in the printed commands (redacted otherwise).")
-@click.option("--write", is_flag=True, help="Store the values in KV v2 with your own token (VAULT_TOKEN or ~/.vault-token).")
-@click.option("--overwrite", is_flag=True, help="With --write: replace secrets (with --setup-vault, policies and roles) that exist.")
+@click.option(
+    "--write", is_flag=True, help="Store the values in KV v2 with your own token (VAULT_TOKEN or ~/.vault-token)."
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="With --write: replace secrets (with --setup-vault, policies and roles) that exist.",
+)
 @click.option("--setup-vault", is_flag=True, help="With --write: also write each service's policy and token role.")
-@click.option("--vault-addr", envvar=["VAULT_ADDR", "BAO_ADDR"], help="Vault or OpenBao address, for --write (VAULT_ADDR or BAO_ADDR).")
-@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), help="Write the rewritten compose file here.")
+@click.option(
+    "--vault-addr",
+    envvar=["VAULT_ADDR", "BAO_ADDR"],
+    help="Vault or OpenBao address, for --write (VAULT_ADDR or BAO_ADDR).",
+)
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path, dir_okay=False), help="Write the rewritten compose file here."
+)
 @click.option("--in-place", is_flag=True, help="Rewrite COMPOSE_FILE itself, keeping the original as COMPOSE_FILE.bak.")
-def migrate(compose_file, kv_mount, path_prefix, project_name, only, exclude, consume, target, show_values, write,
-            overwrite, setup_vault, vault_addr, output, in_place) -> None:
+def migrate(
+    compose_file,
+    kv_mount,
+    path_prefix,
+    project_name,
+    only,
+    exclude,
+    consume,
+    target,
+    show_values,
+    write,
+    overwrite,
+    setup_vault,
+    vault_addr,
+    output,
+    in_place,
+) -> None:
     """Move secrets from COMPOSE_FILE's environment entries into Vault / OpenBao and vault-secrets volumes.
 
     Prints the rewritten compose file and the Vault commands that store the secrets and create their
@@ -276,22 +360,44 @@ def migrate(compose_file, kv_mount, path_prefix, project_name, only, exclude, co
         raise MigrationError(f"cannot read {compose_file}: {e.strerror}") from e
     except yaml.YAMLError as e:
         raise MigrationError(f"{compose_file} is not valid YAML: {e}") from e
-    raw = project_name or (compose.get("name") if isinstance(compose, dict) else None) or compose_file.resolve().parent.name
+    raw = (
+        project_name
+        or (compose.get("name") if isinstance(compose, dict) else None)
+        or compose_file.resolve().parent.name
+    )
     if not (project := re.sub(r"[^a-z0-9_-]", "", str(raw).lower()).lstrip("_-")):
         raise MigrationError(f"cannot make a project name of {raw!r}: give --project-name")
     mount = kv_mount.strip("/")
-    services, notices = plan(compose, str(compose_file), Choices(
-        project, mount, (project if path_prefix is None else path_prefix).strip("/"), consume, target.rstrip("/"), only, exclude))
+    services, notices = plan(
+        compose,
+        str(compose_file),
+        Choices(
+            project,
+            mount,
+            (project if path_prefix is None else path_prefix).strip("/"),
+            consume,
+            target.rstrip("/"),
+            only,
+            exclude,
+        ),
+    )
     for notice in notices:
         click.echo(notice, err=True)
     if not services:
-        raise MigrationError(f"nothing to migrate in {compose_file}: no environment entry looks like a secret (see --only)")
-    click.echo(f"the values stay in {compose_file}{' and its .bak' if in_place else ''} (and any copy or git history "
-               "of it): rotate them once the services read them from Vault", err=True)
+        raise MigrationError(
+            f"nothing to migrate in {compose_file}: no environment entry looks like a secret (see --only)"
+        )
+    click.echo(
+        f"the values stay in {compose_file}{' and its .bak' if in_place else ''} (and any copy or git history "
+        "of it): rotate them once the services read them from Vault",
+        err=True,
+    )
     if write:  # before the compose file is written: it would point at secrets that are not there
         store(services, mount, vault_addr, overwrite=overwrite, set_up=setup_vault)
-    rewritten = (f"# Rewritten by vault-secrets-plugin migrate from {compose_file.name}: secrets come from vault-secrets\n"
-                 "# volumes. Comments and YAML anchors of the original are not kept.\n" + _dump(compose))
+    rewritten = (
+        f"# Rewritten by vault-secrets-plugin migrate from {compose_file.name}: secrets come from vault-secrets\n"
+        "# volumes. Comments and YAML anchors of the original are not kept.\n" + _dump(compose)
+    )
     commands = script(services, mount, show_values=show_values, stored=write, set_up=setup_vault)
     if not (destination := compose_file if in_place else output):
         click.echo(rewritten + "\n# ---- Vault / OpenBao commands ----\n" + commands, nl=False)
@@ -304,8 +410,9 @@ def migrate(compose_file, kv_mount, path_prefix, project_name, only, exclude, co
             shutil.copymode(compose_file, tmp)
         tmp.replace(destination)
     except OSError as e:
-        raise MigrationError(f"cannot write {e.filename if str(e.filename).endswith('.bak') else destination}: "
-                             f"{e.strerror}") from e
+        raise MigrationError(
+            f"cannot write {e.filename if str(e.filename).endswith('.bak') else destination}: {e.strerror}"
+        ) from e
     click.echo(f"wrote the rewritten compose file to {destination}", err=True)
     click.echo(commands, nl=False)
 
@@ -323,7 +430,9 @@ class _Dumper(yaml.SafeDumper):
         return '"' if (style := super().choose_scalar_style()) == "'" else style  # uid: "1000", as in the docs
 
 
-_Dumper.add_representer(type(None), lambda dumper, _: dumper.represent_scalar("tag:yaml.org,2002:null", ""))  # `pgdata:`
+_Dumper.add_representer(
+    type(None), lambda dumper, _: dumper.represent_scalar("tag:yaml.org,2002:null", "")
+)  # `pgdata:`
 
 
 def _dump(data: object) -> str:

@@ -40,25 +40,37 @@ class Operations:
         """Volumes (options hold no secrets), mounts with ages and TTLs, the identity and Vault's health."""
         now = time.time()
         try:
-            identity: dict[str, Any] = {"accessor": self._vault.lookup_self(self._identity.token()).accessor,
-                                        "ttl": round(self._identity.seconds_left())}
+            identity: dict[str, Any] = {
+                "accessor": self._vault.lookup_self(self._identity.token()).accessor,
+                "ttl": round(self._identity.seconds_left()),
+            }
         except PluginError as e:
             identity = {"error": str(e)}
         volumes = []
         for volume in self._store.volumes():
             mounts = []
             for record in self._store.mounts(volume.name):
-                mounts.append({
-                    "mount_id": record.mount_id,
-                    "age": round(now - record.created_at),
-                    "refcount": record.refcount,
-                    "token_ttl": self._ttl(lambda: self._vault.lookup_self(record.token).ttl),
-                    "leases": [{"source": source, "lease_id": lease_id,
-                                "ttl": self._ttl(lambda lease_id=lease_id: self._vault.lease_ttl(record.token, lease_id))}
-                               for source, lease_id in self._store.leases(record.volume, record.mount_id).items()],
-                })
-            volumes.append({"name": volume.name, "options": volume.options, "created_at": volume.created_at,
-                            "mounts": mounts})
+                mounts.append(
+                    {
+                        "mount_id": record.mount_id,
+                        "age": round(now - record.created_at),
+                        "refcount": record.refcount,
+                        "token_ttl": self._ttl(lambda: self._vault.lookup_self(record.token).ttl),
+                        "leases": [
+                            {
+                                "source": source,
+                                "lease_id": lease_id,
+                                "ttl": self._ttl(
+                                    lambda lease_id=lease_id: self._vault.lease_ttl(record.token, lease_id)
+                                ),
+                            }
+                            for source, lease_id in self._store.leases(record.volume, record.mount_id).items()
+                        ],
+                    }
+                )
+            volumes.append(
+                {"name": volume.name, "options": volume.options, "created_at": volume.created_at, "mounts": mounts}
+            )
         return {"vault": self._health(), "identity": identity, "volumes": volumes}
 
     @staticmethod
@@ -74,8 +86,12 @@ class Operations:
             health = self._vault.health()
         except PluginError as e:
             return {"address": self._vault_addr, "reachable": False, "error": str(e)}
-        return {"address": self._vault_addr, "reachable": True, "sealed": health.get("sealed"),
-                "version": health.get("version")}
+        return {
+            "address": self._vault_addr,
+            "reachable": True,
+            "sealed": health.get("sealed"),
+            "version": health.get("version"),
+        }
 
     # -- doctor ---------------------------------------------------------------------------------
 
@@ -83,21 +99,41 @@ class Operations:
         """Every check, in order; a failed prerequisite stops the checks that need it."""
         health = self._health()
         if not health["reachable"]:
-            return [Check("vault", False, health["error"],
-                          "check VAULT_ADDR, that Vault is up and reachable from the plugin, and VAULT_CACERT for TLS")]
-        checks = [Check("vault", not health["sealed"], f"Vault {health['version']} at {self._vault_addr}, "
-                        + ("sealed" if health["sealed"] else "unsealed"), "unseal Vault" if health["sealed"] else "")]
+            return [
+                Check(
+                    "vault",
+                    False,
+                    health["error"],
+                    "check VAULT_ADDR, that Vault is up and reachable from the plugin, and VAULT_CACERT for TLS",
+                )
+            ]
+        checks = [
+            Check(
+                "vault",
+                not health["sealed"],
+                f"Vault {health['version']} at {self._vault_addr}, " + ("sealed" if health["sealed"] else "unsealed"),
+                "unseal Vault" if health["sealed"] else "",
+            )
+        ]
         try:
             issued = self._vault.lookup_self(self._identity.token())
             checks.append(Check("identity", True, f"plugin token {issued.accessor}, ttl {issued.ttl}s"))
         except PluginError as e:
-            checks.append(Check("identity", False, str(e),
-                                "deliver a new wrapped SecretID: vault-secrets-plugin bootstrap --wrapped-secret-id-file F"))
+            checks.append(
+                Check(
+                    "identity",
+                    False,
+                    str(e),
+                    "deliver a new wrapped SecretID: vault-secrets-plugin bootstrap --wrapped-secret-id-file F",
+                )
+            )
         volumes = self._store.volumes()
         known = {v.name for v in volumes}
         for name in names or []:
             if name not in known:
-                checks.append(Check(f"volume {name}", False, "no such vault-secrets volume", "docker volume ls -f driver=..."))
+                checks.append(
+                    Check(f"volume {name}", False, "no such vault-secrets volume", "docker volume ls -f driver=...")
+                )
         for volume in volumes:
             if not names or volume.name in names:
                 checks.extend(self._check_volume(volume.name, parse_spec(volume.options)))
@@ -116,12 +152,22 @@ class Operations:
             checks = [Check(f"volume {name}: token", True, "mounts share the volume's credential")]
         else:
             try:
-                token = self._vault.mint_child(parent, role, DOCTOR_TOKEN_TTL, {"volume": name, "purpose": "doctor"},
-                                               display_name=f"vault-secrets-doctor-{name}"[:100]).token
+                token = self._vault.mint_child(
+                    parent,
+                    role,
+                    DOCTOR_TOKEN_TTL,
+                    {"volume": name, "purpose": "doctor"},
+                    display_name=f"vault-secrets-doctor-{name}"[:100],
+                ).token
             except PluginError as e:
-                fix = (f'allow the plugin policy: path "auth/token/create/{role}" {{ capabilities = ["update"] }}, '
-                       f"and check that the token role exists (vault read auth/token/roles/{role})") if role else \
-                    "give the volume a credential that may create child tokens"
+                fix = (
+                    (
+                        f'allow the plugin policy: path "auth/token/create/{role}" {{ capabilities = ["update"] }}, '
+                        f"and check that the token role exists (vault read auth/token/roles/{role})"
+                    )
+                    if role
+                    else "give the volume a credential that may create child tokens"
+                )
                 return [Check(f"volume {name}: token", False, f"cannot mint a token from {origin}: {e}", fix)]
             minted = True
             checks = [Check(f"volume {name}: token", True, f"can mint tokens from {origin}")]
@@ -130,18 +176,32 @@ class Operations:
                 needed, verb = (_WRITING, "update") if source.params else (_READING, "read")
                 capabilities = self._vault.capabilities(token, source.path)
                 ok = bool(capabilities & needed)
-                checks.append(Check(
-                    f"volume {name}: {source.path}", ok,
-                    f"{verb} allowed" if ok else f"{verb} denied (capabilities: {', '.join(sorted(capabilities)) or 'none'})",
-                    "" if ok else f'add path "{source.path}" {{ capabilities = ["{verb}"] }} to a policy of {origin}',
-                ))
+                checks.append(
+                    Check(
+                        f"volume {name}: {source.path}",
+                        ok,
+                        f"{verb} allowed"
+                        if ok
+                        else f"{verb} denied (capabilities: {', '.join(sorted(capabilities)) or 'none'})",
+                        ""
+                        if ok
+                        else f'add path "{source.path}" {{ capabilities = ["{verb}"] }} to a policy of {origin}',
+                    )
+                )
             if spec.token_file:
                 ok = bool(self._vault.capabilities(parent, "auth/token/revoke-accessor") & _WRITING)
-                checks.append(Check(
-                    f"volume {name}: token-file", ok, "container tokens can be revoked by accessor" if ok else
-                    "the plugin cannot revoke container tokens by accessor",
-                    "" if ok else 'add path "auth/token/revoke-accessor" { capabilities = ["update"] } to the plugin policy',
-                ))
+                checks.append(
+                    Check(
+                        f"volume {name}: token-file",
+                        ok,
+                        "container tokens can be revoked by accessor"
+                        if ok
+                        else "the plugin cannot revoke container tokens by accessor",
+                        ""
+                        if ok
+                        else 'add path "auth/token/revoke-accessor" { capabilities = ["update"] } to the plugin policy',
+                    )
+                )
         finally:
             if minted:
                 self._vault.revoke_self(token)

@@ -60,8 +60,16 @@ class Vault(VaultPort):
     cannot be turned off.
     """
 
-    def __init__(self, addr: str, *, cacert: str | None = None, client_cert: str | None = None,
-                 client_key: str | None = None, namespace: str | None = None, timeout: float = 5.0):
+    def __init__(
+        self,
+        addr: str,
+        *,
+        cacert: str | None = None,
+        client_cert: str | None = None,
+        client_key: str | None = None,
+        namespace: str | None = None,
+        timeout: float = 5.0,
+    ):
         self._addr = addr.rstrip("/")
         self._cacert = cacert
         self._client_cert = client_cert
@@ -102,7 +110,8 @@ class Vault(VaultPort):
         if Vault could not answer (that says nothing about the token)."""
         try:
             response = self._call(
-                "lookup_wrapping", "look up the wrapping token",
+                "lookup_wrapping",
+                "look up the wrapping token",
                 lambda t: self._client("", t).adapter.post("/v1/sys/wrapping/lookup", json={"token": wrapping_token}),
             )
         except (VaultTransientError, TLSError):
@@ -120,8 +129,12 @@ class Vault(VaultPort):
         was sent but no answer came back (the token may be spent), `VaultTransientError` otherwise."""
         try:
             # hvac sends the wrapping token as X-Vault-Token and nothing in the body.
-            return self._call("unwrap", "unwrap the wrapping token", lambda t: self._client(wrapping_token, t).sys.unwrap(),
-                              repeatable=False)
+            return self._call(
+                "unwrap",
+                "unwrap the wrapping token",
+                lambda t: self._client(wrapping_token, t).sys.unwrap(),
+                repeatable=False,
+            )
         except (VaultTransientError, TLSError):
             raise
         except VaultError as e:
@@ -131,34 +144,44 @@ class Vault(VaultPort):
 
     def approle_login(self, mount: str, role_id: str, secret_id: str) -> IssuedToken:
         response = self._call(
-            "login", f"log in with AppRole at auth/{mount}",
+            "login",
+            f"log in with AppRole at auth/{mount}",
             lambda t: self._client("", t).auth.approle.login(role_id=role_id, secret_id=secret_id, mount_point=mount),
         )
         return issued_from_auth(response["auth"])
 
-    def mint_child(self, parent: str, role: str | None, ttl: int, meta: Mapping[str, str], display_name: str) -> IssuedToken:
+    def mint_child(
+        self, parent: str, role: str | None, ttl: int, meta: Mapping[str, str], display_name: str
+    ) -> IssuedToken:
         """Create a child token of `parent`: from token role `role`, or with the parent's policies if None.
 
         The TTL granted (`IssuedToken.ttl`) may differ from `ttl`: a role's period or max TTL wins. A
         retried create whose first answer was lost leaves a token nobody holds: keep `ttl` short."""
         response = self._call(
-            "mint", _minting(role),
+            "mint",
+            _minting(role),
             lambda t: self._client(parent, t).auth.token.create(
                 role_name=role, ttl=f"{ttl}s", meta=dict(meta), renewable=True, display_name=display_name
             ),
         )
         return issued_from_auth(response["auth"])
 
-    def mint_wrapped_child(self, parent: str, role: str | None, ttl: int, meta: Mapping[str, str], display_name: str,
-                           wrap_ttl: int) -> tuple[str, str]:
+    def mint_wrapped_child(
+        self, parent: str, role: str | None, ttl: int, meta: Mapping[str, str], display_name: str, wrap_ttl: int
+    ) -> tuple[str, str]:
         """Like `mint_child`, but Vault answers with a single-use wrapping token around the new token.
 
         Returns (wrapping token, accessor of the wrapped token); the plugin never sees the inner token.
         """
         response = self._call(
-            "mint", _minting(role),
+            "mint",
+            _minting(role),
             lambda t: self._client(parent, t).auth.token.create(
-                role_name=role, ttl=f"{ttl}s", meta=dict(meta), renewable=True, display_name=display_name,
+                role_name=role,
+                ttl=f"{ttl}s",
+                meta=dict(meta),
+                renewable=True,
+                display_name=display_name,
                 wrap_ttl=f"{wrap_ttl}s",
             ),
         )
@@ -167,8 +190,13 @@ class Vault(VaultPort):
     def revoke_accessor(self, token: str, accessor: str) -> None:
         """Revoke the token behind `accessor` (and its children) using `token`'s rights on auth/token/revoke-accessor."""
         try:
-            self._call("revoke_accessor", "revoke a token by accessor",
-                       lambda t: self._client(token, t).adapter.post("/v1/auth/token/revoke-accessor", json={"accessor": accessor}))
+            self._call(
+                "revoke_accessor",
+                "revoke a token by accessor",
+                lambda t: self._client(token, t).adapter.post(
+                    "/v1/auth/token/revoke-accessor", json={"accessor": accessor}
+                ),
+            )
         except (VaultTransientError, TLSError):
             raise
         except VaultError as e:
@@ -179,14 +207,17 @@ class Vault(VaultPort):
     def capabilities(self, token: str, path: str) -> set[str]:
         """What `token` may do on `path` (sys/capabilities-self)."""
         response = self._call(
-            "capabilities", f"check capabilities on {path}",
+            "capabilities",
+            f"check capabilities on {path}",
             lambda t: self._client(token, t).adapter.post("/v1/sys/capabilities-self", json={"paths": [path]}),
         )
         return set(response["data"].get(path) or response["data"].get("capabilities") or [])
 
     def lookup_self(self, token: str) -> IssuedToken:
         """What Vault says of `token` now. Raises `TokenInvalidError` if it is not valid any more."""
-        response = self._token_call("lookup_self", "look up the plugin token", lambda t: self._client(token, t).auth.token.lookup_self())
+        response = self._token_call(
+            "lookup_self", "look up the plugin token", lambda t: self._client(token, t).auth.token.lookup_self()
+        )
         data = response["data"]
         return IssuedToken(token, data["accessor"], int(data["ttl"]), bool(data.get("renewable")))
 
@@ -194,7 +225,8 @@ class Vault(VaultPort):
         """Renew `token` (by `increment` seconds if given; Vault may grant less). Raises `TokenInvalidError`
         if it is not valid any more."""
         response = self._token_call(
-            "renew_token", "renew a token",
+            "renew_token",
+            "renew a token",
             lambda t: self._client(token, t).auth.token.renew_self(increment=f"{increment}s" if increment else None),
         )
         return issued_from_auth(response["auth"])
@@ -219,8 +251,11 @@ class Vault(VaultPort):
         except VaultError as e:
             cause = e.__cause__
             if isinstance(cause, hvac.exceptions.Forbidden) or (
-                    isinstance(cause, hvac.exceptions.InvalidRequest) and _says(cause, "invalid token", "bad token")):
-                raise TokenInvalidError(f"Vault says the token is not valid (could not {what}): {_reasons(cause)}") from cause
+                isinstance(cause, hvac.exceptions.InvalidRequest) and _says(cause, "invalid token", "bad token")
+            ):
+                raise TokenInvalidError(
+                    f"Vault says the token is not valid (could not {what}): {_reasons(cause)}"
+                ) from cause
             raise
 
     # -- secrets --------------------------------------------------------------------------------
@@ -229,7 +264,9 @@ class Vault(VaultPort):
         """Read `path`, or write `params` to it (dynamic secrets such as pki/issue/...), with what Vault
         said of the answer: its lease, or for KV v2 its version."""
         if params:
-            response = self._call("write", f"write to {path}", lambda t: self._client(token, t).write_data(path, data=dict(params)))
+            response = self._call(
+                "write", f"write to {path}", lambda t: self._client(token, t).write_data(path, data=dict(params))
+            )
         else:
             response = self._call("read", f"read {path}", lambda t: self._client(token, t).read(path))
         if not response or response.get("data") is None:
@@ -239,8 +276,13 @@ class Vault(VaultPort):
             if data["data"] is None:
                 raise VaultError(f"the current version of {path} is deleted: write a new version or undelete it")
             data, version = data["data"], data["metadata"].get("version")
-        return Fetched(data, response.get("lease_id") or None, int(response.get("lease_duration") or 0),
-                       bool(response.get("renewable")), version)
+        return Fetched(
+            data,
+            response.get("lease_id") or None,
+            int(response.get("lease_duration") or 0),
+            bool(response.get("renewable")),
+            version,
+        )
 
     def fetch_many(self, token: str, requests_: Sequence[tuple[str, tuple[tuple[str, str], ...]]]) -> list[Fetched]:
         """`fetch` each (path, params) concurrently, results in order (see `concurrently`)."""
@@ -260,22 +302,30 @@ class Vault(VaultPort):
         # Made on first use, so after gunicorn's fork; threads start only as requests need them.
         with self._pool_lock:
             if self._executor is None:
-                self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="vault")
+                self._executor = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=FETCH_THREADS, thread_name_prefix="vault"
+                )
             return self._executor
 
     def kv2_current_version(self, token: str, path: str) -> int:
         """The newest version of the KV v2 secret at data path `path`, from its metadata (no secret sent)."""
         mount, _, rest = path.partition("/data/")
-        response = self._call("kv_metadata", f"read the metadata of {path}",
-                              lambda t: self._client(token, t).read(f"{mount}/metadata/{rest}"))
+        response = self._call(
+            "kv_metadata",
+            f"read the metadata of {path}",
+            lambda t: self._client(token, t).read(f"{mount}/metadata/{rest}"),
+        )
         return int(response["data"]["current_version"])
 
     # -- leases ---------------------------------------------------------------------------------
 
     def renew_lease(self, token: str, lease_id: str, increment: int | None = None) -> int:
         """Renew a lease; returns its new duration in seconds (shorter than asked near its max TTL)."""
-        response = self._call("renew_lease", "renew a lease",
-                              lambda t: self._client(token, t).sys.renew_lease(lease_id, increment=increment))
+        response = self._call(
+            "renew_lease",
+            "renew a lease",
+            lambda t: self._client(token, t).sys.renew_lease(lease_id, increment=increment),
+        )
         return int(response["lease_duration"])
 
     def revoke_lease(self, token: str, lease_id: str) -> None:
@@ -292,7 +342,9 @@ class Vault(VaultPort):
         """Seconds left on `lease_id`, or None if Vault no longer knows it (sys/leases/lookup, which the
         default policy allows)."""
         try:
-            response = self._call("lookup_lease", "look up a lease", lambda t: self._client(token, t).sys.read_lease(lease_id))
+            response = self._call(
+                "lookup_lease", "look up a lease", lambda t: self._client(token, t).sys.read_lease(lease_id)
+            )
         except (VaultTransientError, TLSError):
             raise
         except VaultError as e:
@@ -309,10 +361,14 @@ class Vault(VaultPort):
     def health(self) -> Mapping[str, Any]:
         """sys/health (no token): `initialized`, `sealed`, `version`... Over the same TLS settings as every
         other call. Raises `VaultTransientError` or `TLSError`."""
+
         def read(timeout: float) -> Mapping[str, Any]:
             # Standby, sealed and uninitialised servers answer with other codes: ask for 200 regardless.
-            response = self._session.get(f"{self._addr}/v1/sys/health", timeout=timeout,
-                                         params={"standbyok": "true", "sealedcode": "200", "uninitcode": "200"})
+            response = self._session.get(
+                f"{self._addr}/v1/sys/health",
+                timeout=timeout,
+                params={"standbyok": "true", "sealedcode": "200", "uninitcode": "200"},
+            )
             response.raise_for_status()
             return response.json()
 
@@ -339,8 +395,9 @@ class Vault(VaultPort):
                 delay = retry.backoff(attempt, first=retry.BACKOFF_MIN, cap=RETRY_CAP, remaining=left or 0.0)
                 if left is None or isinstance(e, AnswerLostError) or left - delay < MIN_ATTEMPT:
                     if attempt:
-                        raise type(e)(f"{e} (gave up after {attempt + 1} attempts in "
-                                      f"{time.monotonic() - first_started:.0f}s)") from e.__cause__
+                        raise type(e)(
+                            f"{e} (gave up after {attempt + 1} attempts in {time.monotonic() - first_started:.0f}s)"
+                        ) from e.__cause__
                     raise
                 log.info("%s failed, retrying in %.2fs: %s", operation, delay, e)
                 VAULT_RETRIES.labels(operation).inc()
@@ -362,9 +419,11 @@ class Vault(VaultPort):
             # server going down mid-handshake also gives: transient, but the message names the likely cause.
             raise VaultTransientError(
                 f"the TLS connection to Vault at {self._addr} was cut off (could not {what}): {_ssl_reason(e)}; "
-                + ("if its listener requires client certificates, give --vault-client-cert and --vault-client-key"
-                   if self._client_cert is None else
-                   f"check that Vault accepts the client certificate {self._client_cert} (its tls_client_ca_file)")
+                + (
+                    "if its listener requires client certificates, give --vault-client-cert and --vault-client-key"
+                    if self._client_cert is None
+                    else f"check that Vault accepts the client certificate {self._client_cert} (its tls_client_ca_file)"
+                )
             ) from e
         except (requests.ConnectionError, requests.Timeout) as e:
             if not repeatable and _may_have_arrived(e):
@@ -384,7 +443,9 @@ class Vault(VaultPort):
         except hvac.exceptions.VaultError as e:
             status = getattr(e, "status_code", None)
             if status is not None and _transient_status(status, _reasons(e)):
-                raise VaultTransientError(f"Vault at {self._addr} could not {what} now (HTTP {status}: {_reasons(e)})") from e
+                raise VaultTransientError(
+                    f"Vault at {self._addr} could not {what} now (HTTP {status}: {_reasons(e)})"
+                ) from e
             if isinstance(e, hvac.exceptions.Forbidden):
                 raise VaultError(f"Vault denied permission to {what}: {_reasons(e)}") from e
             if isinstance(e, hvac.exceptions.InvalidPath):
@@ -394,15 +455,25 @@ class Vault(VaultPort):
     def _tls_message(self, e: requests.exceptions.SSLError) -> str:
         reason = _ssl_reason(e)
         if "CERTIFICATE_VERIFY_FAILED" in str(e) or "certificate verify failed" in str(e):
-            trusted = f"the CA bundle {self._cacert}" if self._cacert else "the system's trusted CAs (no --vault-cacert given)"
-            return (f"TLS to Vault at {self._addr} failed: its certificate could not be verified against {trusted} "
-                    f"({reason}): give the CA that signed it with --vault-cacert (VAULT_CACERT), and check that the "
-                    "address's host name is in the certificate")
+            trusted = (
+                f"the CA bundle {self._cacert}"
+                if self._cacert
+                else "the system's trusted CAs (no --vault-cacert given)"
+            )
+            return (
+                f"TLS to Vault at {self._addr} failed: its certificate could not be verified against {trusted} "
+                f"({reason}): give the CA that signed it with --vault-cacert (VAULT_CACERT), and check that the "
+                "address's host name is in the certificate"
+            )
         if self._client_cert is None:
-            return (f"TLS to Vault at {self._addr} failed ({reason}): if Vault's listener requires client certificates, "
-                    "give --vault-client-cert and --vault-client-key (VAULT_CLIENT_CERT, VAULT_CLIENT_KEY)")
-        return (f"TLS to Vault at {self._addr} failed ({reason}): Vault refused the client certificate "
-                f"{self._client_cert}: it must be signed by a CA in the listener's tls_client_ca_file")
+            return (
+                f"TLS to Vault at {self._addr} failed ({reason}): if Vault's listener requires client certificates, "
+                "give --vault-client-cert and --vault-client-key (VAULT_CLIENT_CERT, VAULT_CLIENT_KEY)"
+            )
+        return (
+            f"TLS to Vault at {self._addr} failed ({reason}): Vault refused the client certificate "
+            f"{self._client_cert}: it must be signed by a CA in the listener's tls_client_ca_file"
+        )
 
 
 def issued_from_auth(auth: Mapping[str, Any]) -> IssuedToken:
@@ -423,8 +494,11 @@ class _StatusAdapter(hvac.adapters.JSONAdapter):
 
 
 def _transient_status(status: int, reasons: str) -> bool:
-    return (status in TRANSIENT_STATUSES or (500 <= status <= 599 and status != 501)
-            or (status == 400 and any(r in reasons for r in TRANSIENT_REASONS)))
+    return (
+        status in TRANSIENT_STATUSES
+        or (500 <= status <= 599 and status != 501)
+        or (status == 400 and any(r in reasons for r in TRANSIENT_REASONS))
+    )
 
 
 def _may_have_arrived(e: requests.RequestException) -> bool:
@@ -456,7 +530,7 @@ def _ssl_reason(e: BaseException) -> str:
         if verify_message:
             return str(verify_message)
         if isinstance(current, OSError) and getattr(current, "reason", None) and not found:
-            found = str(getattr(current, "reason")).replace("_", " ").lower()
+            found = str(current.reason).replace("_", " ").lower()
         queue += [*current.args, getattr(current, "reason", None), current.__cause__, current.__context__]
     return found or "TLS handshake failed"
 

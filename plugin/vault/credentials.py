@@ -31,7 +31,9 @@ class CredentialUnwrapper(VolumeCredentials):
         return unwrap_volume_credential(self._vault, name, spec, allowed_paths)
 
 
-def unwrap_volume_credential(vault: Vault, name: str, spec: Spec, allowed_paths: Sequence[str]) -> tuple[VolumeCredential, int]:
+def unwrap_volume_credential(
+    vault: Vault, name: str, spec: Spec, allowed_paths: Sequence[str]
+) -> tuple[VolumeCredential, int]:
     """Consume `spec.wrapped_token` and return the volume's credential and its TTL in seconds.
 
     Raises `WrappingTokenError` (tamper), `InvalidOptionError` (wrong kind of content, or missing
@@ -43,13 +45,17 @@ def unwrap_volume_credential(vault: Vault, name: str, spec: Spec, allowed_paths:
         if creation_path.endswith("/secret-id") and not spec.role_id:
             raise InvalidOptionError(f"{source} wraps an AppRole SecretID: also give role-id=<the AppRole's RoleID>")
 
-    unwrapped = unwrap_checked(vault, spec.wrapped_token, allowed_paths, source=source, before_unwrap=refuse_before_unwrap)
+    unwrapped = unwrap_checked(
+        vault, spec.wrapped_token, allowed_paths, source=source, before_unwrap=refuse_before_unwrap
+    )
     if unwrapped.is_secret_id:
         issued = vault.approle_login(spec.approle_mount, spec.role_id, unwrapped.response["data"]["secret_id"])
     elif unwrapped.response.get("auth"):
         issued = issued_from_auth(unwrapped.response["auth"])
     else:
-        raise InvalidOptionError(f"{source} wraps neither a token nor an AppRole SecretID (it was made at {unwrapped.creation_path})")
+        raise InvalidOptionError(
+            f"{source} wraps neither a token nor an AppRole SecretID (it was made at {unwrapped.creation_path})"
+        )
     try:
         can_mint = bool(vault.capabilities(issued.token, "auth/token/create") & _MINTING_CAPABILITIES)
         if spec.token_file and not can_mint:

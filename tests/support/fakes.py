@@ -101,7 +101,9 @@ class FakeVault(VaultPort):
     def lookup_self(self, token):
         self._check()
         if token not in self.live:
-            raise TokenInvalidError("Vault says the token is not valid (could not look up the plugin token): permission denied")
+            raise TokenInvalidError(
+                "Vault says the token is not valid (could not look up the plugin token): permission denied"
+            )
         return IssuedToken(token, self.live[token], 3600, True)
 
     def revoke_self(self, token):

@@ -37,10 +37,21 @@ from http.server import BaseHTTPRequestHandler
 
 # RFC 9110 7.6.1: they describe one connection, not the message; the proxy frames each side itself.
 # Expect is answered here (the body is read whole before forwarding), so it is not passed on either.
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
-    "trailer", "trailers", "transfer-encoding", "upgrade", "expect",
-})
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "expect",
+    }
+)
 
 # What Vault itself writes for these statuses (vault/http, vault/core). 404's empty list is what Vault
 # answers for a path with nothing at it; hvac then raises InvalidPath without a message.
@@ -127,8 +138,12 @@ class FaultProxy:
         self._server = _Server(self)
         self.port = self._server.server_address[1]
         self.addr = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=f"faultproxy:{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"faultproxy:{self.port}",
+            daemon=True,
+        )
         self._thread.start()
 
     def __enter__(self) -> FaultProxy:
@@ -139,28 +154,52 @@ class FaultProxy:
 
     # -- rules -------------------------------------------------------------------------------------
 
-    def fail(self, path: str, status: int = 500, *, times: int | None = None, for_seconds: float | None = None,
-             method: str | None = None, message: str | None = None) -> None:
+    def fail(
+        self,
+        path: str,
+        status: int = 500,
+        *,
+        times: int | None = None,
+        for_seconds: float | None = None,
+        method: str | None = None,
+        message: str | None = None,
+    ) -> None:
         """Answer matching requests with `status` and `{"errors": [message]}` without forwarding them.
         `message` defaults to what Vault writes for that status (429: the rate limit quota message naming
         the request's path); for 404 the default is Vault's empty list."""
         if not 400 <= status <= 599:
             raise ValueError(f"not an error status: {status}")
-        self._add(_Rule("fail", path, method, *self._bound(times, for_seconds, once=True), status=status,
-                        message=message))
+        self._add(
+            _Rule("fail", path, method, *self._bound(times, for_seconds, once=True), status=status, message=message)
+        )
 
-    def reset(self, path: str, *, times: int | None = None, for_seconds: float | None = None,
-              method: str | None = None) -> None:
+    def reset(
+        self, path: str, *, times: int | None = None, for_seconds: float | None = None, method: str | None = None
+    ) -> None:
         """Read matching requests, then reset their connection (TCP RST) without forwarding them."""
         self._add(_Rule("reset", path, method, *self._bound(times, for_seconds, once=True)))
 
-    def delay(self, path: str, seconds: float, *, times: int | None = None, for_seconds: float | None = None,
-              method: str | None = None) -> None:
+    def delay(
+        self,
+        path: str,
+        seconds: float,
+        *,
+        times: int | None = None,
+        for_seconds: float | None = None,
+        method: str | None = None,
+    ) -> None:
         """Hold matching requests for `seconds` (less if `clear()` comes first), then forward them."""
         self._add(_Rule("delay", path, method, *self._bound(times, for_seconds, once=False), seconds=seconds))
 
-    def withhold(self, path: str, seconds: float, *, times: int | None = None, for_seconds: float | None = None,
-                 method: str | None = None) -> None:
+    def withhold(
+        self,
+        path: str,
+        seconds: float,
+        *,
+        times: int | None = None,
+        for_seconds: float | None = None,
+        method: str | None = None,
+    ) -> None:
         """Forward matching requests and read the server's answer, then give the client nothing for `seconds`
         (or until `clear()`) and close its connection: the server did the work, the client never learns."""
         self._add(_Rule("withhold", path, method, *self._bound(times, for_seconds, once=True), seconds=seconds))
@@ -178,8 +217,11 @@ class FaultProxy:
         anything (answer, reset, close), so a client that has seen the outcome finds the record here."""
         method = method.upper() if method else None
         with self._lock:
-            return [s for s in self._seen
-                    if (path is None or path_matches(path, s.path)) and (method is None or s.method == method)]
+            return [
+                s
+                for s in self._seen
+                if (path is None or path_matches(path, s.path)) and (method is None or s.method == method)
+            ]
 
     def stop(self) -> None:
         """Stop accepting, end every connection (held requests included) and wait for the threads to end."""
@@ -208,7 +250,7 @@ class FaultProxy:
 
     def _add(self, rule: _Rule) -> None:
         if not rule.pattern.startswith("/"):
-            raise ValueError(f"a path starts with / (\"/v1/...\"), not {rule.pattern!r}")
+            raise ValueError(f'a path starts with / ("/v1/..."), not {rule.pattern!r}')
         rule.method = rule.method.upper() if rule.method else None
         with self._lock:
             self._rules.append(rule)
@@ -417,8 +459,9 @@ class _Handler(BaseHTTPRequestHandler):
             parts.append(self._read_exact(size))
             self.rfile.readline(65537)  # the CRLF after the chunk
 
-    def _exchange(self, method: str, target: str, path: str,
-                  body: bytes | None) -> tuple[int, str, list[tuple[str, str]], bytes] | None:
+    def _exchange(
+        self, method: str, target: str, path: str, body: bytes | None
+    ) -> tuple[int, str, list[tuple[str, str]], bytes] | None:
         """Send the request to the server and read its whole answer: (status, reason, headers, body), or
         None when the server could not be reached or broke off (recorded; the client's connection reset)."""
         if self.upstream is not None and self.upstream.dropped():
@@ -475,15 +518,19 @@ class _Handler(BaseHTTPRequestHandler):
         errors = [] if message is None else [message]
         # As Vault's respondError writes it: a JSON encoder's output, newline included.
         data = (json.dumps({"errors": errors}) + "\n").encode()
-        headers = [("Cache-Control", "no-store"), ("Content-Type", "application/json"),
-                   ("Date", self.date_time_string())]
+        headers = [
+            ("Cache-Control", "no-store"),
+            ("Content-Type", "application/json"),
+            ("Date", self.date_time_string()),
+        ]
         self._respond(method, status, _phrase(status), headers, data)
 
     def _respond(self, method: str, status: int, reason: str, headers: list[tuple[str, str]], data: bytes) -> None:
         """Write one answer in a single send (status line, headers, body): framing is the proxy's own."""
         no_body = method == "HEAD" or status in _NO_BODY_STATUSES or status < 200
-        connection_tokens = {t.strip().lower() for name, v in headers if name.lower() == "connection"
-                             for t in v.split(",")}
+        connection_tokens = {
+            t.strip().lower() for name, v in headers if name.lower() == "connection" for t in v.split(",")
+        }
         lines = [f"{self.protocol_version} {status} {reason}"]
         for name, value in headers:
             lowered = name.lower()

@@ -35,8 +35,17 @@ class PluginLauncher:
     """Starts `vault-secrets-plugin serve` as often as a test needs, always on the same socket, state
     directory and (appended) log, as a service manager restarting it would."""
 
-    def __init__(self, socket_path: Path, state_dir: Path, vault_addr: str, *, role_id: str,
-                 wrapped_secret_id_file: Path, log_path: Path, extra: list[str] | None = None):
+    def __init__(
+        self,
+        socket_path: Path,
+        state_dir: Path,
+        vault_addr: str,
+        *,
+        role_id: str,
+        wrapped_secret_id_file: Path,
+        log_path: Path,
+        extra: list[str] | None = None,
+    ):
         self.socket_path, self.state_dir, self.vault_addr = socket_path, state_dir, vault_addr
         self.role_id, self.wrapped_secret_id_file, self.log_path = role_id, wrapped_secret_id_file, log_path
         self.extra = list(extra or [])
@@ -56,9 +65,15 @@ class PluginLauncher:
         return self.started[-1]
 
     def start(self, *, authenticated: bool = True) -> PluginProcess:
-        process = PluginProcess(self.socket_path, self.state_dir, self.vault_addr, role_id=self.role_id,
-                                wrapped_secret_id_file=self.wrapped_secret_id_file, log_path=self.log_path,
-                                extra=self.extra)
+        process = PluginProcess(
+            self.socket_path,
+            self.state_dir,
+            self.vault_addr,
+            role_id=self.role_id,
+            wrapped_secret_id_file=self.wrapped_secret_id_file,
+            log_path=self.log_path,
+            extra=self.extra,
+        )
         self.started.append(process)
         process.wait_until_serving(timeout=30)
         if authenticated:
@@ -77,7 +92,9 @@ def _authenticated_since(log_path: Path, pid: int) -> bool:
     # The appended log holds every start: look only at what followed this master's "Listening at".
     text = log_path.read_text(errors="replace")
     start = text.rfind(f"({pid})")
-    return start >= 0 and ("obtained the plugin identity" in text[start:] or "resumed the sealed plugin identity" in text[start:])
+    return start >= 0 and (
+        "obtained the plugin identity" in text[start:] or "resumed the sealed plugin identity" in text[start:]
+    )
 
 
 def process_tree(pid: int) -> list[int]:

@@ -1,4 +1,5 @@
 """Test images built locally, without any registry access."""
+
 from __future__ import annotations
 
 import os
@@ -37,12 +38,21 @@ def build_busybox_image(dockerd: Dockerd, name: str = "vs-busybox:test") -> str:
                 (root / "bin" / applet).symlink_to("busybox")
         (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n")
         (root / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
-        tar = subprocess.Popen(["tar", "-C", str(root), "--numeric-owner", "--owner=0", "--group=0", "-c", "."],
-                               stdout=subprocess.PIPE)
-        imp = subprocess.run([docker_cli(), "import", "-c", "ENV PATH=/bin", "-", name], stdin=tar.stdout,
-                             env=dockerd.env, capture_output=True, text=True, timeout=120)
+        tar = subprocess.Popen(
+            ["tar", "-C", str(root), "--numeric-owner", "--owner=0", "--group=0", "-c", "."], stdout=subprocess.PIPE
+        )
+        imp = subprocess.run(
+            [docker_cli(), "import", "-c", "ENV PATH=/bin", "-", name],
+            stdin=tar.stdout,
+            env=dockerd.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         tar.stdout.close()
         if tar.wait() != 0 or imp.returncode != 0:
-            raise AssertionError(f"docker import of {name} failed (tar rc={tar.returncode}, "
-                                 f"import rc={imp.returncode})\n{imp.stdout}\n{imp.stderr}")
+            raise AssertionError(
+                f"docker import of {name} failed (tar rc={tar.returncode}, "
+                f"import rc={imp.returncode})\n{imp.stdout}\n{imp.stderr}"
+            )
     return name

@@ -51,19 +51,41 @@ def plugin_command() -> str:
 class PluginProcess:
     """`vault-secrets-plugin serve` as a child process; its log goes to `log_path`."""
 
-    def __init__(self, socket_path: Path, state_dir: Path, vault_addr: str, *, role_id: str | None = None,
-                 wrapped_secret_id_file: Path | None = None, extra: list[str] | None = None, log_path: Path | None = None):
+    def __init__(
+        self,
+        socket_path: Path,
+        state_dir: Path,
+        vault_addr: str,
+        *,
+        role_id: str | None = None,
+        wrapped_secret_id_file: Path | None = None,
+        extra: list[str] | None = None,
+        log_path: Path | None = None,
+    ):
         self.socket_path, self.state_dir = socket_path, state_dir
         self.log_path = log_path or state_dir.parent / f"{socket_path.stem}.log"
-        args = [plugin_command(), "serve", "--socket", str(socket_path), "--state-dir", str(state_dir),
-                "--vault-addr", vault_addr, "--log-level", "debug", *(extra or [])]
+        args = [
+            plugin_command(),
+            "serve",
+            "--socket",
+            str(socket_path),
+            "--state-dir",
+            str(state_dir),
+            "--vault-addr",
+            vault_addr,
+            "--log-level",
+            "debug",
+            *(extra or []),
+        ]
         if role_id:
             args += ["--role-id", role_id]
         if wrapped_secret_id_file:
             args += ["--wrapped-secret-id-file", str(wrapped_secret_id_file)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("VAULT_")}
         self._log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        self.process = subprocess.Popen(
+            args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+        )
         self.client = PluginClient(socket_path)
 
     @property

@@ -35,8 +35,9 @@ def make_targets(dockerd: Dockerd, *targets: str, timeout: float = 600, **variab
     variables = {"PY": sys.executable, **variables}
     cmd = [make, "-C", str(REPO), "--no-print-directory", *targets, *(f"{k}={v}" for k, v in variables.items())]
     started = time.monotonic()
-    res = subprocess.run(cmd, check=False, env=dockerd.env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                         timeout=timeout)
+    res = subprocess.run(
+        cmd, check=False, env=dockerd.env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
+    )
     if res.returncode != 0:
         output = (res.stdout + res.stderr)[-6000:]
         raise AssertionError(f"`{' '.join(cmd)}` exited {res.returncode}\n{output}")
@@ -122,8 +123,21 @@ def read_secret_as_1000(dockerd: Dockerd, volume: str, timeout: float = 20) -> l
     script = "id -u; cat /run/secrets/db_password; echo; stat -c '%u %a' /run/secrets/db_password"
     deadline = time.monotonic() + timeout
     while True:
-        res = dockerd.docker("run", "--rm", "--network", "none", "--user", "1000", "-v", f"{volume}:/run/secrets:ro",
-                             dockerd.image, "sh", "-c", script, check=False)
+        res = dockerd.docker(
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--user",
+            "1000",
+            "-v",
+            f"{volume}:/run/secrets:ro",
+            dockerd.image,
+            "sh",
+            "-c",
+            script,
+            check=False,
+        )
         if res.returncode == 0:
             return res.stdout.split()
         if "no Vault identity" not in res.stderr or time.monotonic() > deadline:
@@ -133,5 +147,8 @@ def read_secret_as_1000(dockerd: Dockerd, volume: str, timeout: float = 20) -> l
 
 def mounts_below(root: Path) -> list[str]:
     """Mount points strictly below `root`, as this process's mount namespace sees them."""
-    return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
-            if line.split()[4].startswith(f"{root}/")]
+    return [
+        line.split()[4]
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if line.split()[4].startswith(f"{root}/")
+    ]

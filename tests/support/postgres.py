@@ -145,9 +145,23 @@ class PostgresServer:
             os.close(fd)
         try:
             result = subprocess.run(
-                [str(self.bindir / "initdb"), "-D", str(self.datadir), "-U", self.superuser,
-                 f"--pwfile={pwfile}", "--auth=scram-sha-256", "--encoding=UTF8", "--locale=C", "--no-sync"],
-                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, **self._as_owner(),
+                [
+                    str(self.bindir / "initdb"),
+                    "-D",
+                    str(self.datadir),
+                    "-U",
+                    self.superuser,
+                    f"--pwfile={pwfile}",
+                    "--auth=scram-sha-256",
+                    "--encoding=UTF8",
+                    "--locale=C",
+                    "--no-sync",
+                ],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                **self._as_owner(),
             )
         finally:
             pwfile.unlink(missing_ok=True)
@@ -171,8 +185,7 @@ class PostgresServer:
         # Host connections on loopback only, always with a password (initdb already wrote
         # scram-sha-256 lines; make the file say exactly that and nothing more).
         (self.datadir / "pg_hba.conf").write_text(
-            "local all all scram-sha-256\n"
-            "host  all all 127.0.0.1/32 scram-sha-256\n"
+            "local all all scram-sha-256\nhost  all all 127.0.0.1/32 scram-sha-256\n"
         )
 
     def _start_server(self, timeout: float) -> None:
@@ -181,7 +194,11 @@ class PostgresServer:
         with open(self.log_path, "ab") as log:
             result = subprocess.run(
                 [str(self.bindir / "pg_ctl"), "start", "-D", str(self.datadir), "-w", "-t", str(int(timeout))],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, timeout=timeout + 10, **self._as_owner(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                timeout=timeout + 10,
+                **self._as_owner(),
             )
         self.pid = self._read_pid()
         if result.returncode != 0:
@@ -190,7 +207,9 @@ class PostgresServer:
         while True:
             ready = subprocess.run(
                 [str(self.bindir / "pg_isready"), "-q", "-h", self.host, "-p", str(self.port), "-t", "2"],
-                stdin=subprocess.DEVNULL, capture_output=True, env=_clean_env(),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                env=_clean_env(),
             )
             if ready.returncode == 0:
                 try:
@@ -224,7 +243,10 @@ class PostgresServer:
             try:
                 subprocess.run(
                     [str(self.bindir / "pg_ctl"), "stop", "-D", str(self.datadir), "-m", "fast", "-w", "-t", "20"],
-                    stdin=subprocess.DEVNULL, capture_output=True, timeout=30, **self._as_owner(),
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    timeout=30,
+                    **self._as_owner(),
                 )
             except subprocess.TimeoutExpired:
                 pass
@@ -250,9 +272,29 @@ class PostgresServer:
         if password is None:
             password = self.password if user == self.superuser else ""
         result = subprocess.run(
-            [str(self.bindir / "psql"), "-X", "-w", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
-             "-h", self.host, "-p", str(self.port), "-U", user, "-d", db],
-            input=sql, capture_output=True, text=True, timeout=60, env=_clean_env(PGPASSWORD=password),
+            [
+                str(self.bindir / "psql"),
+                "-X",
+                "-w",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                self.host,
+                "-p",
+                str(self.port),
+                "-U",
+                user,
+                "-d",
+                db,
+            ],
+            input=sql,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=_clean_env(PGPASSWORD=password),
         )
         if result.returncode != 0:
             raise PsqlError(f"psql as {user!r} failed ({result.returncode}): {result.stderr.strip()}", result.stderr)

@@ -70,15 +70,25 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _validity(builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     # Backdated a few minutes so that a server whose clock is slightly behind still accepts it.
-    return builder.not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=2))
+    return builder.not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(
+        now + datetime.timedelta(days=2)
+    )
 
 
 def _key_usage(*, signs_certificates: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                         data_encipherment=False, key_agreement=False, key_cert_sign=signs_certificates,
-                         crl_sign=signs_certificates, encipher_only=False, decipher_only=False)
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=signs_certificates,
+        crl_sign=signs_certificates,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
 def _new_key() -> ec.EllipticCurvePrivateKey:
@@ -88,8 +98,11 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
 def _make_ca(common_name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = _new_key()
     builder = (
-        x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(_name(common_name))
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(_name(common_name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(_key_usage(signs_certificates=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -97,12 +110,20 @@ def _make_ca(common_name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certifi
     return key, _validity(builder).sign(key, hashes.SHA256())
 
 
-def _make_leaf(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, common_name: str, usage,
-               sans: list[x509.GeneralName] | None = None) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def _make_leaf(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    common_name: str,
+    usage,
+    sans: list[x509.GeneralName] | None = None,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = _new_key()
     builder = (
-        x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(ca_cert.subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(signs_certificates=False), critical=True)
         # Go checks the extended key usage: a server certificate offered as a client one is refused.
@@ -132,8 +153,11 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> Path:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         os.fchmod(f.fileno(), 0o600)  # O_CREAT keeps the mode of a file that already existed
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
     return path
 
 
@@ -165,13 +189,16 @@ class Pki:
         directory = Path(directory)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         ca_key, ca_cert = _make_ca("vault-secrets-plugin test CA")
-        server_key, server_cert = _make_leaf(ca_key, ca_cert, hosts[0], ExtendedKeyUsageOID.SERVER_AUTH,
-                                             [_san(h) for h in hosts])
-        client_key, client_cert = _make_leaf(ca_key, ca_cert, "vault-secrets-plugin test client",
-                                             ExtendedKeyUsageOID.CLIENT_AUTH)
+        server_key, server_cert = _make_leaf(
+            ca_key, ca_cert, hosts[0], ExtendedKeyUsageOID.SERVER_AUTH, [_san(h) for h in hosts]
+        )
+        client_key, client_cert = _make_leaf(
+            ca_key, ca_cert, "vault-secrets-plugin test client", ExtendedKeyUsageOID.CLIENT_AUTH
+        )
         other_key, other_cert = _make_ca("unrelated test CA")
-        other_client_key, other_client_cert = _make_leaf(other_key, other_cert, "vault-secrets-plugin test client",
-                                                         ExtendedKeyUsageOID.CLIENT_AUTH)
+        other_client_key, other_client_cert = _make_leaf(
+            other_key, other_cert, "vault-secrets-plugin test client", ExtendedKeyUsageOID.CLIENT_AUTH
+        )
         return cls(
             directory=directory,
             ca_pem=_write_cert(directory / "ca.pem", ca_cert),
@@ -232,7 +259,8 @@ class TlsOpenBao:
         self.http_port = free_loopback_port()
         # The dev listener's cluster port is always its port + 1; the TLS listeners get explicit ones.
         self.port, self.mtls_port, cluster_port, mtls_cluster_port = _distinct_free_ports(
-            4, avoid={self.http_port, self.http_port + 1})
+            4, avoid={self.http_port, self.http_port + 1}
+        )
         self.http_addr = f"http://127.0.0.1:{self.http_port}"
         self.addr = f"https://127.0.0.1:{self.port}"
         self.mtls_addr = f"https://127.0.0.1:{self.mtls_port}"
@@ -243,9 +271,19 @@ class TlsOpenBao:
         env["HOME"] = str(workdir)  # the dev server must not touch the operator's token helper
         with open(self.log_path, "wb") as log:
             self._process = subprocess.Popen(
-                [bao_binary(), "server", "-dev", "-dev-no-store-token", f"-dev-root-token-id={self.root_token}",
-                 f"-dev-listen-address=127.0.0.1:{self.http_port}", f"-config={self.config_path}"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                [
+                    bao_binary(),
+                    "server",
+                    "-dev",
+                    "-dev-no-store-token",
+                    f"-dev-root-token-id={self.root_token}",
+                    f"-dev-listen-address=127.0.0.1:{self.http_port}",
+                    f"-config={self.config_path}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
             )
         try:
             self._wait_ready(timeout)
@@ -257,19 +295,19 @@ class TlsOpenBao:
         pki = self.pki
         return (
             'listener "tcp" {\n'
-            f'  address = {_hcl_string(f"127.0.0.1:{self.port}")}\n'
-            f'  cluster_address = {_hcl_string(f"127.0.0.1:{cluster_port}")}\n'
-            f'  tls_cert_file = {_hcl_string(pki.server_cert)}\n'
-            f'  tls_key_file = {_hcl_string(pki.server_key)}\n'
-            '}\n'
+            f"  address = {_hcl_string(f'127.0.0.1:{self.port}')}\n"
+            f"  cluster_address = {_hcl_string(f'127.0.0.1:{cluster_port}')}\n"
+            f"  tls_cert_file = {_hcl_string(pki.server_cert)}\n"
+            f"  tls_key_file = {_hcl_string(pki.server_key)}\n"
+            "}\n"
             'listener "tcp" {\n'
-            f'  address = {_hcl_string(f"127.0.0.1:{self.mtls_port}")}\n'
-            f'  cluster_address = {_hcl_string(f"127.0.0.1:{mtls_cluster_port}")}\n'
-            f'  tls_cert_file = {_hcl_string(pki.server_cert)}\n'
-            f'  tls_key_file = {_hcl_string(pki.server_key)}\n'
-            '  tls_require_and_verify_client_cert = true\n'
-            f'  tls_client_ca_file = {_hcl_string(pki.ca_pem)}\n'
-            '}\n'
+            f"  address = {_hcl_string(f'127.0.0.1:{self.mtls_port}')}\n"
+            f"  cluster_address = {_hcl_string(f'127.0.0.1:{mtls_cluster_port}')}\n"
+            f"  tls_cert_file = {_hcl_string(pki.server_cert)}\n"
+            f"  tls_key_file = {_hcl_string(pki.server_key)}\n"
+            "  tls_require_and_verify_client_cert = true\n"
+            f"  tls_client_ca_file = {_hcl_string(pki.ca_pem)}\n"
+            "}\n"
         )
 
     @property
@@ -300,18 +338,28 @@ class TlsOpenBao:
                     last_error = e
                 time.sleep(0.1)
         if probes:
-            raise RuntimeError(f"OpenBao did not become ready in {timeout}s (last: {last_error}):\n"
-                               f"{self.log_path.read_text()[-3000:]}")
+            raise RuntimeError(
+                f"OpenBao did not become ready in {timeout}s (last: {last_error}):\n{self.log_path.read_text()[-3000:]}"
+            )
 
-    def client(self, addr: str | None = None, token: str | None = None, cert: CertPair | None = None,
-               verify: str | Path | bool | None = None) -> hvac.Client:
+    def client(
+        self,
+        addr: str | None = None,
+        token: str | None = None,
+        cert: CertPair | None = None,
+        verify: str | Path | bool | None = None,
+    ) -> hvac.Client:
         """An hvac client of `addr` (default `self.addr`) with `token` (default the root token),
         verifying the server with `verify` (default `pki.ca_pem`) and presenting `cert` (default:
         no client certificate, so `mtls_addr` refuses it; see `mtls_client`). hvac builds its own
         Session here: given one, it would take `verify` from the session and ignore ours."""
         verify = str(self.pki.ca_pem) if verify is None else verify
-        return hvac.Client(url=addr or self.addr, token=token or self.root_token,
-                           verify=str(verify) if isinstance(verify, Path) else verify, cert=cert)
+        return hvac.Client(
+            url=addr or self.addr,
+            token=token or self.root_token,
+            verify=str(verify) if isinstance(verify, Path) else verify,
+            cert=cert,
+        )
 
     def mtls_client(self, token: str | None = None) -> hvac.Client:
         """An hvac client of `mtls_addr` presenting `pki`'s client certificate."""
