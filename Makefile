@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PLUGIN_NAME ?= vault-secrets
 PYTEST_ARGS ?=
 
-.PHONY: venv run test lint unit bench clean
+.PHONY: venv run test lint lock unit bench clean
 
 venv: $(VENV)/.installed
 
@@ -28,7 +28,12 @@ lint: venv
 	$(PY) -m ruff format --check .
 
 bench: venv
-	$(PY) bench/run.py
+	$(PY) -m bench.run
+
+# The managed plugin's dependencies, pinned with hashes, from pyproject.toml (PyPI only: no local wheel dirs).
+lock: venv
+	env -u PIP_FIND_LINKS $(VENV)/bin/pip-compile --quiet --strip-extras --generate-hashes --no-emit-index-url \
+		--no-emit-find-links --output-file packaging/requirements.lock pyproject.toml
 
 unit: venv
 	$(PY) -m pytest -m 'not openbao and not docker' $(PYTEST_ARGS)

@@ -23,22 +23,21 @@ import tracemalloc
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from devenv.database import configure_database_engine  # noqa: E402
-from devenv.openbao import (  # noqa: E402
+from devenv.database import configure_database_engine
+from devenv.openbao import (
     OpenBaoDevServer,
     bao_binary,
     free_loopback_port,
     seed_demo,
     wrapped_secret_id,
 )
-from plugin.core.scheduler import Again, Scheduler  # noqa: E402
-from tests.support.dockerd import Dockerd  # noqa: E402
-from tests.support.images import build_busybox_image  # noqa: E402
-from tests.support.plugin import PluginProcess  # noqa: E402
-from tests.support.postgres import PostgresServer  # noqa: E402
+from plugin.core.scheduler import Again, Scheduler
+from tests.support.dockerd import Dockerd
+from tests.support.images import build_busybox_image
+from tests.support.plugin import PluginProcess
+from tests.support.postgres import PostgresServer
+
+ROOT = Path(__file__).resolve().parent.parent  # run as `python -m bench.run` from here (make bench)
 
 TARGETS = {
     "docker_run_ratio": ("docker run with secrets / plain local volume (ratio of medians)", "<=", 1.10),

@@ -4,7 +4,7 @@
 # Builds the managed plugin's bundle, OUT_DIR/bundle/{config.json,rootfs/}, ready for
 # `docker plugin create NAME OUT_DIR/bundle`. Run from the repository top (make plugin-rootfs does).
 #  1. wheels: the project's wheel (built from a copy of the sources, so setuptools' scratch files stay
-#     out of the tree) and its dependencies as binary wheels for PLUGIN_PYTHON, fetched on this host;
+#     out of the tree) and its locked dependencies as binary wheels for PLUGIN_PYTHON, fetched on this host;
 #  2. docker build of packaging/Dockerfile on BASE_IMAGE, installing those wheels offline;
 #  3. docker export of that image into rootfs/, plus config.json.
 #
@@ -28,10 +28,11 @@ mkdir -p "$out/src" "$out/context/wheels" "$out/bundle/rootfs"
 
 tar -c --exclude=__pycache__ pyproject.toml README.md plugin | tar -x -C "$out/src"
 "$py" -m pip wheel --quiet --no-deps --wheel-dir "$out/context/wheels" "$out/src"
-# Binary wheels for the image's Python, whatever Python this host runs: nothing is compiled in the image.
+# The dependencies exactly as locked (versions and hashes: packaging/requirements.lock, `make lock`), as
+# binary wheels for the image's Python, whatever Python this host runs: nothing is compiled in the image.
 # They match this host's platform; the Dockerfile's import check catches a glibc newer than the base's.
-"$py" -m pip download --quiet --only-binary=:all: --python-version "$python_version" \
-    --dest "$out/context/wheels" "$out"/context/wheels/vault_secrets_plugin-*.whl
+"$py" -m pip download --quiet --only-binary=:all: --python-version "$python_version" --no-deps --require-hashes \
+    --dest "$out/context/wheels" -r packaging/requirements.lock
 
 if ! "$docker" image inspect "$base_image" >/dev/null 2>&1 && ! "$docker" pull "$base_image"; then
     die "base image $base_image is neither present nor pullable; without a registry run" \

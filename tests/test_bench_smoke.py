@@ -21,10 +21,11 @@ def test_bench_quick_run_produces_every_figure(tmp_path):
     require_root()
     require_postgres()
     run = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--output", str(tmp_path)],
+        [sys.executable, "-m", "bench.run", "--quick", "--output", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,
+        cwd=ROOT,  # bench is a package of the project: python -m bench.run
     )
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((tmp_path / "latest.json").read_text())

@@ -1,0 +1,1 @@
+"""`make bench`: the performance measurements (python -m bench.run)."""
