@@ -24,6 +24,7 @@ test: lint
 # The layer rules (import-linter contracts in pyproject.toml), lint and formatting: a broken rule fails the build.
 lint: venv
 	$(VENV)/bin/lint-imports
+	$(PY) -m mypy
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 

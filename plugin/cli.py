@@ -6,12 +6,19 @@ import json
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from plugin.core.errors import PluginError
 from plugin.settings import DEFAULT_ALLOWED_PATHS, Settings
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIApplication
+
+FC = TypeVar("FC", bound=Callable[..., Any])  # a command function, decorated with its options
 
 
 class _Commands(click.Group):
@@ -157,26 +164,26 @@ def main() -> None:
     help="One JSON object a line, or text for humans.",
 )
 def serve(
-    socket_path,
-    state_dir,
-    mount_root,
-    vault_addr,
-    vault_cacert,
-    vault_client_cert,
-    vault_client_key,
-    vault_namespace,
-    vault_timeout,
-    mount_timeout,
-    approle_mount,
-    role_id,
-    role_id_file,
-    wrapped_secret_id_file,
-    wrap_allowed_paths,
-    control_socket,
-    docker_socket,
-    metrics_addr,
-    log_level,
-    log_format,
+    socket_path: Path,
+    state_dir: Path,
+    mount_root: Path | None,
+    vault_addr: str,
+    vault_cacert: str | None,
+    vault_client_cert: str | None,
+    vault_client_key: str | None,
+    vault_namespace: str | None,
+    vault_timeout: float,
+    mount_timeout: float,
+    approle_mount: str,
+    role_id: str | None,
+    role_id_file: Path | None,
+    wrapped_secret_id_file: Path | None,
+    wrap_allowed_paths: str,
+    control_socket: Path | None,
+    docker_socket: Path | None,
+    metrics_addr: str | None,
+    log_level: str,
+    log_format: str,
 ) -> None:
     """Serve the volume plugin protocol on a Unix socket."""
     _check_tls(vault_addr, vault_cacert, vault_client_cert, vault_client_key)
@@ -224,14 +231,14 @@ def serve(
         raise click.ClickException(str(e)) from e
 
 
-def _build_in_worker(settings: Settings):
+def _build_in_worker(settings: Settings) -> WSGIApplication:
     """The plugin's WSGI application, built in gunicorn's worker: only there are its components imported."""
     from plugin.service import build_application
 
     return build_application(settings)
 
 
-def _control_options(command):
+def _control_options(command: FC) -> FC:
     """--state-dir / --control-socket: how operator commands find the running plugin."""
     command = click.option(
         "--control-socket",
@@ -249,7 +256,9 @@ def _control_options(command):
     )(command)
 
 
-def _control(state_dir: Path, control_socket: Path | None, verb: str, body: dict, timeout: float = 120) -> dict:
+def _control(
+    state_dir: Path, control_socket: Path | None, verb: str, body: dict[str, Any], timeout: float = 120
+) -> dict[str, Any]:
     from plugin.edge.control import call
 
     try:
@@ -266,7 +275,7 @@ def _control(state_dir: Path, control_socket: Path | None, verb: str, body: dict
     help="File holding a single-use wrapping token of a new AppRole SecretID ('-' for standard input).",
 )
 @_control_options
-def bootstrap(wrapped_secret_id_file, state_dir, control_socket) -> None:
+def bootstrap(wrapped_secret_id_file: IO[str], state_dir: Path, control_socket: Path | None) -> None:
     """Give a running plugin a new identity from a wrapped SecretID, without a restart."""
     token = wrapped_secret_id_file.read().strip()
     if not token:
@@ -279,7 +288,7 @@ def bootstrap(wrapped_secret_id_file, state_dir, control_socket) -> None:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @_control_options
-def status(as_json, state_dir, control_socket) -> None:
+def status(as_json: bool, state_dir: Path, control_socket: Path | None) -> None:
     """Volumes, mounts with their ages and TTLs, the plugin identity and Vault's health."""
     reply = _control(state_dir, control_socket, "Status", {})
     reply.pop("Err", None)
@@ -292,7 +301,7 @@ def status(as_json, state_dir, control_socket) -> None:
 @main.command()
 @click.argument("volumes", nargs=-1)
 @_control_options
-def doctor(volumes, state_dir, control_socket) -> None:
+def doctor(volumes: tuple[str, ...], state_dir: Path, control_socket: Path | None) -> None:
     """Check Vault, the plugin identity and each volume (or the named ones); non-zero exit on any failure."""
     click.echo(f"checking Vault, the plugin identity and {', '.join(volumes) or 'every volume'} ...", err=True)
     checks = _control(state_dir, control_socket, "Doctor", {"Volumes": list(volumes)})["Checks"]
@@ -311,7 +320,7 @@ def doctor(volumes, state_dir, control_socket) -> None:
 @click.option("--all", "everything", is_flag=True, help="Revoke what was issued for every volume.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @_control_options
-def revoke(volume, everything, yes, state_dir, control_socket) -> None:
+def revoke(volume: str | None, everything: bool, yes: bool, state_dir: Path, control_socket: Path | None) -> None:
     """Break glass: revoke every token and lease issued for a volume (or all) and wipe their files."""
     if bool(volume) == everything:
         raise click.UsageError("give --volume NAME or --all")
@@ -328,7 +337,7 @@ def revoke(volume, everything, yes, state_dir, control_socket) -> None:
     )
 
 
-def render_status(status: dict) -> str:
+def render_status(status: dict[str, Any]) -> str:
     """The human form of `status`: a few aligned lines per volume."""
     vault, identity = status["vault"], status["identity"]
     lines = [

@@ -9,7 +9,8 @@ import dataclasses
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from plugin.core.driver import Driver
 from plugin.core.errors import PluginError
@@ -25,6 +26,9 @@ from plugin.settings import Settings
 from plugin.vault.client import Vault
 from plugin.vault.credentials import CredentialUnwrapper
 from plugin.vault.identity import Identity
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 log = logging.getLogger(__name__)
 
@@ -120,13 +124,14 @@ class SocketDispatcher:
     """WSGI app choosing the application by the Unix socket a connection came in on: control calls are
     served on the control socket only, never on the socket dockerd (and so the Docker API) reaches."""
 
-    def __init__(self, default: Callable, by_socket: dict[str, Callable]):
+    def __init__(self, default: WSGIApplication, by_socket: dict[str, WSGIApplication]):
         self._default, self._by_socket = default, by_socket
 
-    def __call__(self, environ: dict, start_response: Callable):
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         connection = environ.get("gunicorn.socket")
         name = connection.getsockname() if connection is not None else None
-        return self._by_socket.get(name, self._default)(environ, start_response)
+        app = self._default if name is None else self._by_socket.get(name, self._default)
+        return app(environ, start_response)
 
 
 def build_application(settings: Settings) -> SocketDispatcher:

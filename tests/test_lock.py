@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -19,9 +20,9 @@ def test_the_lock_pins_every_dependency_within_its_declared_range():
     for line in (root / "packaging" / "requirements.lock").read_text().splitlines():
         if "==" in line and not line.startswith((" ", "#")):
             name, _, version = line.split(" ")[0].partition("==")
-            pinned[name.lower().replace("_", "-")] = version
+            pinned[_normalized(name)] = version
     for requirement in declared:
-        name = requirement.name.lower().replace("_", "-")
+        name = _normalized(requirement.name)
         assert name in pinned, f"{name} is not in the lock: run make lock"
         assert requirement.specifier.contains(pinned[name]), (
             f"{name}=={pinned[name]} is outside {requirement.specifier}"
@@ -29,3 +30,8 @@ def test_the_lock_pins_every_dependency_within_its_declared_range():
     assert all(
         "--hash=sha256:" in block for block in (root / "packaging" / "requirements.lock").read_text().split("==")[1:]
     )
+
+
+def _normalized(name: str) -> str:
+    """A project name as PEP 503 compares them (ruamel.yaml == ruamel-yaml)."""
+    return re.sub(r"[-_.]+", "-", name).lower()

@@ -605,3 +605,43 @@ def test_every_migrate_flag_is_in_the_guide_and_back():
         flag for row in table.splitlines() if row.startswith("| `") for flag in re.findall(r"`(--[a-z-]+)", row)
     }
     assert documented == {opt for param in migrate.params for opt in param.opts if opt.startswith("--")}
+
+
+def test_in_place_keeps_comments_anchors_key_order_and_quoting(tmp_path):
+    original = tmp_path / "docker-compose.yml"
+    original.write_text(
+        textwrap.dedent(
+            """\
+            # The shop, as deployed.
+            x-base: &base
+              image: example/app   # pinned by CI
+              restart: always
+            services:
+              worker: *base
+              web:
+                <<: *base
+                user: '1000'
+                environment:
+                  LOG_LEVEL: info   # keep it quiet
+                  DB_PASSWORD: hunter2-horse
+            """
+        )
+    )
+    result = CliRunner(env=NO_VAULT).invoke(migrate, [str(original), "--in-place"])
+    assert result.exit_code == 0, result.output
+    text = original.read_text()
+    for kept in (
+        "# The shop, as deployed.",
+        "# pinned by CI",
+        "# keep it quiet",
+        "x-base: &base",
+        "worker: *base",
+        "<<: *base",
+        "user: '1000'",
+    ):
+        assert kept in text, f"{kept!r} was lost:\n{text}"
+    assert text.index("worker:") < text.index("web:") < text.index("LOG_LEVEL") < text.index("DB_PASSWORD_FILE")
+    assert "hunter2-horse" not in text
+    compose = yaml.safe_load(text)
+    assert compose["services"]["worker"] == {"image": "example/app", "restart": "always"}
+    assert compose["services"]["web"]["environment"]["DB_PASSWORD_FILE"] == "/run/secrets/db_password"

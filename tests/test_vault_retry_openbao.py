@@ -144,3 +144,12 @@ def test_a_refused_connection_is_transient(bao):
     vault = Vault(f"http://127.0.0.1:{free_loopback_port()}", timeout=1.0)
     with retry.budget(1.5), pytest.raises(VaultTransientError, match="is unreachable"):
         vault.health()
+
+
+def test_answers_without_a_body_are_vault_errors_not_crashes(bao, vault):
+    """A write Vault answers with 204 (KV v1) and a read of metadata that is not there (404) end in the error
+    family, so a Mount says what is wrong and a refresh falls back to comparing the data."""
+    with pytest.raises(VaultError, match="Vault has no secret at kv1/web/written"):
+        vault.fetch(bao.server.root_token, "kv1/web/written", (("k", "v"),))
+    with pytest.raises(VaultError, match="without the data expected"):
+        vault.kv2_current_version(bao.server.root_token, "secret/data/web/never-written")

@@ -12,6 +12,7 @@ latency, not a failed container start.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import functools
 import hashlib
@@ -23,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 from plugin.core import retry
 from plugin.core.errors import (
@@ -92,7 +94,7 @@ class Driver:
         self._wrap_allowed_paths = tuple(wrap_allowed_paths)
         self._hostname = hostname
         self._mount_timeout = mount_timeout
-        self._locks: dict[object, list] = {}
+        self._locks: dict[object, _Held] = {}
         self._locks_guard = threading.Lock()
 
     # -- verbs answered from local state --------------------------------------------------------
@@ -150,7 +152,8 @@ class Driver:
         volume = self._require_volume(name)
         return self._describe(volume)
 
-    def list(self) -> list[VolumeInfo]:
+    # `list` is one of Docker's verbs: below it, the builtin is `builtins.list` in this class's annotations.
+    def list(self) -> builtins.list[VolumeInfo]:
         return [self._describe(v) for v in self._store.volumes()]
 
     def path(self, name: str) -> str:
@@ -270,8 +273,9 @@ class Driver:
         if child is not None:
             calls.append(functools.partial(self._extend, child, spec.ttl))
         results = self._vault.concurrently(calls)
-        token_ttl = results.pop() if child is not None else spec.ttl
-        return token_ttl, dict(zip(spec.sources, results, strict=True))  # type: ignore[arg-type]
+        # The calls are the fetches (Fetched), then the extension (its TTL, an int) when there is one.
+        token_ttl = cast(int, results.pop()) if child is not None else spec.ttl
+        return token_ttl, dict(zip(spec.sources, cast(builtins.list[Fetched], results), strict=True))
 
     def _extend(self, child: IssuedToken, ttl: int) -> int:
         """Extend a provisional token (now recorded, so revoked if the Mount fails) to the volume's `ttl`.
@@ -386,7 +390,9 @@ class Driver:
                 elif not record.revoked:
                     self._start_upkeep(record, parse_spec(volume.options))
 
-    def release_unused(self, running_containers_using: Callable[[str], list[str]], min_age: float = 60.0) -> int:
+    def release_unused(
+        self, running_containers_using: Callable[[str], builtins.list[str]], min_age: float = 60.0
+    ) -> int:
         """Tear down the mounts of volumes that no running container uses (dockerd restarted without
         live-restore sends no Unmount). Mounts younger than `min_age` may be of a container still
         starting, so a volume is left alone until all its mounts are older. Returns how many were released."""
@@ -462,16 +468,24 @@ class Driver:
         Entries are dropped when no thread holds or waits for them: mount IDs are never reused.
         """
         with self._locks_guard:
-            entry = self._locks.setdefault(key, [threading.Lock(), 0])
-            entry[1] += 1
+            entry = self._locks.setdefault(key, _Held())
+            entry.users += 1
         try:
-            with entry[0]:
+            with entry.lock:
                 yield
         finally:
             with self._locks_guard:
-                entry[1] -= 1
-                if entry[1] == 0:
+                entry.users -= 1
+                if entry.users == 0:
                     del self._locks[key]
+
+
+@dataclasses.dataclass(eq=False)
+class _Held:
+    """One lock of `Driver._hold`, with how many threads hold or wait for it."""
+
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    users: int = 0
 
 
 def _stored_options(options: dict[str, str]) -> dict[str, str]:

@@ -36,7 +36,7 @@ def _render(file: SecretFile, secrets: Mapping[Source, Mapping[str, Any]]) -> by
 
 def render_file(file: SecretFile, data: Mapping[str, Any]) -> bytes:
     if file.format == "raw":
-        if file.field not in data:
+        if file.field is None or file.field not in data:  # a raw file always has a field (parse_spec)
             fields = ", ".join(sorted(map(str, data))) or "none"
             raise SecretFormatError(
                 f"secret {file.path} has no field {file.field!r} (file {file.name}); its fields are: {fields}"

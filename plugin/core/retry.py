@@ -26,7 +26,7 @@ def backoff(attempt: int, *, first: float = 1.0, cap: float = 30.0, remaining: f
     """Seconds to wait after failed attempt number `attempt` (0-based): doubling from `first` up to `cap`,
     with +-20 % jitter so that callers failing together do not retry together, and never more than a third
     of what is `remaining` (so a few tries still fit before something expires)."""
-    delay = min(first * 2**attempt, cap, max(remaining, 0) / 3)
+    delay: float = min(first * 2**attempt, cap, max(remaining, 0) / 3)  # 2**int is Any to mypy (int or float)
     return max(delay, min(first, max(remaining, 0))) * (0.8 + 0.4 * random.random())
 
 

@@ -16,6 +16,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Hashable
+from typing import cast
 
 from plugin.core.errors import PluginError, VaultTransientError
 from plugin.core.metrics import RENEWAL_FAILURES, RENEWALS
@@ -176,7 +177,7 @@ def _renewal_kind(key: Hashable) -> str | None:
     if isinstance(key, tuple) and key[:1] == ("volume",):
         return "token"
     if isinstance(key, tuple) and key[:1] == ("mount",) and len(key) > 3 and key[3] in ("token", "lease"):
-        return key[3]
+        return cast(str, key[3])  # equal to "token" or "lease"
     return None
 
 

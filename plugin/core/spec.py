@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 from plugin.core.errors import InvalidOptionError
@@ -338,7 +338,15 @@ def _parse_mode(raw: str | None) -> int:
     return mode
 
 
-def _parse_bounded(name, raw, parse, default, low, high, accepted):
+def _parse_bounded(
+    name: str,
+    raw: str | None,
+    parse: Callable[[str], int | None],
+    default: int,
+    low: int,
+    high: int,
+    accepted: str,
+) -> int:
     if raw is None:
         return default
     value = parse(raw)

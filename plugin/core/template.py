@@ -7,8 +7,8 @@ knows every request up front. Errors name the file and the problem, never a secr
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, cast
 
 from jinja2 import (
     StrictUndefined,
@@ -56,8 +56,10 @@ def template_sources(name: str, text: str) -> tuple[str, ...]:
 
 def _bound_names(tree: nodes.Template) -> set[str]:
     """Names the template binds itself, with {% for %} and {% set %}."""
-    names = set()
-    for node in tree.find_all((nodes.For, nodes.Assign)):
+    names: set[str] = set()
+    # find_all is typed to yield the nodes' common base (Stmt), which has no `target`.
+    bound = cast("Iterator[nodes.For | nodes.Assign]", tree.find_all((nodes.For, nodes.Assign)))
+    for node in bound:
         targets = [node.target, *node.target.find_all(nodes.Name)]
         names.update(t.name for t in targets if isinstance(t, nodes.Name))
     return names

@@ -16,7 +16,7 @@ from plugin.core.errors import PluginError, VaultError
 from plugin.core.ports import Mounter, StorePort, VaultPort
 from plugin.core.records import Fetched, MountRecord
 from plugin.core.render import render_files
-from plugin.core.scheduler import Again, Scheduler, renewal_delay, token_renewal
+from plugin.core.scheduler import Again, Scheduler, Task, renewal_delay, token_renewal
 from plugin.core.spec import Source, Spec
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,8 @@ class MountUpkeep:
         self._first_duration = {s: f.lease_duration for s, f in self._current.items() if f.lease_id}
         self._final: set[Source] = set()
         self._key = ("mount", record.volume, record.mount_id)
-        self._keys: list[tuple] = []  # what `start` scheduled, so `stop` cancels it without scanning every task
+        # What `start` scheduled, so `stop` cancels it without scanning every task.
+        self._keys: list[tuple[str, ...]] = []
 
     def start(self, resumed: bool = False) -> None:
         """Schedule the mount's renewals; `resumed` (after a restart) renews at once, as lifetimes are unknown."""
@@ -82,7 +83,7 @@ class MountUpkeep:
         if self._spec.refresh and any(str(s) not in leases for s in self._spec.sources):
             self._schedule((*self._key, "refresh"), self._refresh, self._spec.refresh)
 
-    def _schedule(self, key: tuple, task: Callable, delay: float, lifetime: float | None = None) -> None:
+    def _schedule(self, key: tuple[str, ...], task: Task, delay: float, lifetime: float | None = None) -> None:
         self._keys.append(key)
         self._scheduler.schedule(key, task, delay, lifetime)
 

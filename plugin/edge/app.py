@@ -40,11 +40,23 @@ def create_app(driver: Driver) -> Flask:
 
         app.add_url_rule(f"/{verb}", endpoint=verb, view_func=view, methods=["POST"])
 
+    def create(b: dict[str, Any]) -> dict[str, Any]:
+        driver.create(_name(b), _options(b))
+        return {"Err": ""}
+
+    def remove(b: dict[str, Any]) -> dict[str, Any]:
+        driver.remove(_name(b))
+        return {"Err": ""}
+
+    def unmount(b: dict[str, Any]) -> dict[str, Any]:
+        driver.unmount(_name(b), _mount_id(b))
+        return {"Err": ""}
+
     route("Plugin.Activate", lambda body: {"Implements": ["VolumeDriver"]})
-    route("VolumeDriver.Create", lambda b: _ok(driver.create(_name(b), _options(b))))
-    route("VolumeDriver.Remove", lambda b: _ok(driver.remove(_name(b))))
+    route("VolumeDriver.Create", create)
+    route("VolumeDriver.Remove", remove)
     route("VolumeDriver.Mount", lambda b: {"Mountpoint": driver.mount(_name(b), _mount_id(b)), "Err": ""})
-    route("VolumeDriver.Unmount", lambda b: _ok(driver.unmount(_name(b), _mount_id(b))))
+    route("VolumeDriver.Unmount", unmount)
     route("VolumeDriver.Path", lambda b: {"Mountpoint": driver.path(_name(b)), "Err": ""})
     route("VolumeDriver.Get", lambda b: {"Volume": _volume(driver.get(_name(b))), "Err": ""})
     route("VolumeDriver.List", lambda b: {"Volumes": [_volume(v) for v in driver.list()], "Err": ""})
@@ -125,10 +137,6 @@ def _volume(info: VolumeInfo) -> dict[str, Any]:
 
 def _reply(payload: dict[str, Any], status: int = 200) -> Response:
     return Response(json.dumps(payload), status=status, content_type=CONTENT_TYPE)
-
-
-def _ok(_: None) -> dict[str, Any]:
-    return {"Err": ""}
 
 
 def _body() -> dict[str, Any]:

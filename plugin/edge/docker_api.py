@@ -7,6 +7,7 @@ import http.client
 import json
 import urllib.parse
 from pathlib import Path
+from typing import Any
 
 from plugin.core.errors import PluginError
 from plugin.edge.unixhttp import request
@@ -31,7 +32,8 @@ class DockerAPI:
         for container in self.running_containers_using(volume):
             self._call("POST", f"/containers/{container}/kill?signal={urllib.parse.quote(signal)}")
 
-    def _call(self, method: str, url: str):
+    def _call(self, method: str, url: str) -> Any:
+        """dockerd's decoded JSON answer (None for an empty body)."""
         try:
             status, reply = request(self._socket, method, url, timeout=self._timeout)
         except (OSError, http.client.HTTPException, ValueError) as e:

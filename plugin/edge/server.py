@@ -12,13 +12,16 @@ import logging.config
 import os
 import stat
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from gunicorn.app.base import BaseApplication
 
 from plugin.core.errors import PluginError, StateError
 from plugin.ops.logs import logging_config
 from plugin.settings import Settings
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIApplication
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +91,7 @@ class PluginServer(BaseApplication):
     def __init__(
         self,
         settings: Settings,
-        build: Callable[[Settings], Any],
+        build: Callable[[Settings], WSGIApplication],
         *,
         threads: int = 16,
         log_level: str = "info",
@@ -117,12 +120,18 @@ class PluginServer(BaseApplication):
             if key in self.cfg.settings:
                 self.cfg.set(key, value)
 
-    def load(self):
+    # ignore: types-gunicorn types the app with a MutableMapping environ and a start_response without PEP 3333's
+    # exc_info and write(), so no PEP 3333 (typeshed) WSGI application matches it; gunicorn calls it per PEP 3333.
+    def load(self) -> WSGIApplication:  # type: ignore[override]
         return self._build(self._settings)  # in the worker, after the fork
 
 
 def serve(
-    settings: Settings, build: Callable[[Settings], Any], *, log_level: str = "info", log_format: str = "json"
+    settings: Settings,
+    build: Callable[[Settings], WSGIApplication],
+    *,
+    log_level: str = "info",
+    log_format: str = "json",
 ) -> None:
     """Check the state directory, then serve the WSGI application `build(settings)` makes in the worker
     (the composition root: it must import the heavy parts itself, so that the master stays lean)."""

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from plugin.core.errors import StateError
 from plugin.core.ports import IdentityStore, StorePort
@@ -249,7 +250,8 @@ class Store(StorePort, IdentityStore):
 
     def count_active_mounts(self) -> int:
         with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM mounts WHERE refcount > 0").fetchone()[0]
+            count: int = self._db.execute("SELECT COUNT(*) FROM mounts WHERE refcount > 0").fetchone()[0]
+            return count
 
     def mount(self, volume: str, mount_id: str) -> MountRecord | None:
         rows = self._mount_rows("WHERE volume = ? AND mount_id = ?", (volume, mount_id))
@@ -281,7 +283,7 @@ class Store(StorePort, IdentityStore):
             ).fetchall()
         return dict(rows)
 
-    def _mount_rows(self, where: str, args: tuple) -> list[MountRecord]:
+    def _mount_rows(self, where: str, args: tuple[str, ...]) -> list[MountRecord]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT volume, mount_id, refcount, mountpoint, token, accessor, created_at, owns_token,"
@@ -404,7 +406,7 @@ class Store(StorePort, IdentityStore):
             self._db.execute("COMMIT")
 
 
-def _volume(row) -> VolumeRecord:
+def _volume(row: tuple[Any, ...]) -> VolumeRecord:
     return VolumeRecord(row[0], json.loads(row[1]), row[2])
 
 

@@ -8,14 +8,18 @@ operator's own token, never the plugin's. Every generated volume's options go th
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import click
-import yaml
+import ruamel.yaml
+import ruamel.yaml.emitter
+import ruamel.yaml.error
 
 from plugin.core.errors import (
     CheckAndSetError,
@@ -68,7 +72,10 @@ def plan(compose: object, source: str, choices: Choices) -> tuple[list[Service],
         raise MigrationError(f"{source} is not a compose file: it has no 'services:' mapping")
     if not compose["services"]:
         raise MigrationError(f"{source} has no services")
-    volumes, migrated, notices, seen = compose.get("volumes") or {}, [], [], set()
+    volumes: dict[str, object] = compose.get("volumes") or {}
+    migrated: list[Service] = []
+    notices: list[str] = []
+    seen: set[str] = set()
     for name, svc in compose["services"].items():
         for env_file in _as_list((svc or {}).get("env_file")):
             notices.append(
@@ -91,7 +98,15 @@ def plan(compose: object, source: str, choices: Choices) -> tuple[list[Service],
     return migrated, notices
 
 
-def _service(where, name, svc, volumes, c: Choices, notices, seen) -> list[Service]:
+def _service(
+    where: str,
+    name: str,
+    svc: dict[str, Any],
+    volumes: dict[str, object],
+    c: Choices,
+    notices: list[str],
+    seen: set[str],
+) -> list[Service]:
     env, kv_path = svc["environment"], f"{c.prefix}/{name}".lstrip("/")
     if not isinstance(env, (dict, list)):
         raise MigrationError(f"{where}: environment must be a mapping or a list of KEY=value")
@@ -114,6 +129,7 @@ def _service(where, name, svc, volumes, c: Choices, notices, seen) -> list[Servi
                     "add it to the volume"
                 )
             else:
+                assert value is not None  # from_shell covers None
                 secrets[key] = value.replace("$$", "$")  # `$$` is compose's escape of a literal `$`
                 notices.append(f"{name}: {key} moves to {c.mount}/data/{kv_path} ({reason or 'chosen with --only'})")
                 file = f"{c.target}/{key.lower()}"
@@ -157,10 +173,12 @@ def _service(where, name, svc, volumes, c: Choices, notices, seen) -> list[Servi
         raise MigrationError(f"{where} already uses {c.target} (a volume, or compose secrets:); give another --target")
     if volume in volumes:
         raise MigrationError(f"{where}: a volume {volume} is already declared; give another --project-name")
-    if env_out:
-        svc["environment"] = dict(env_out) if isinstance(env, dict) else [entry for _, entry in env_out]
-    else:
+    if not env_out:
         del svc["environment"]
+    elif _shared(env):  # an anchor other entries alias, or a merge of one: this service gets its own copy
+        svc["environment"] = dict(env_out) if isinstance(env, dict) else [entry for _, entry in env_out]
+    else:  # in place, so that the comments and order of the entries left stay as they were
+        _replace_entries(env, dict(env_out))
     svc["volumes"] = [
         *_as_list(svc.get("volumes")),
         {"type": "volume", "source": volume, "target": c.target, "read_only": True, "volume": {"nocopy": True}},
@@ -169,7 +187,33 @@ def _service(where, name, svc, volumes, c: Choices, notices, seen) -> list[Servi
     return [Service(name, kv_path, secrets)]
 
 
-def _leftovers(compose: dict, services: list[Service]) -> list[str]:
+def _shared(node: object) -> bool:
+    """Whether a loaded mapping or list may stand for more than itself: it carries an anchor, or merges one."""
+    anchor = getattr(node, "anchor", None)
+    return bool(anchor is not None and anchor.value) or bool(getattr(node, "merge", None))
+
+
+def _replace_entries(env: dict[object, object] | list[object], entries: dict[str, object]) -> None:
+    """Make `env` hold `entries` (its kept entries, then each migrated one's `_FILE` entry in its place), editing
+    it rather than building a new one: a round-trip mapping keeps its comments only on the keys it still has."""
+    if isinstance(env, list):
+        env[:] = list(entries.values())
+        return
+    keys = {str(key): key for key in env}
+    for name, value in entries.items():
+        if name in keys:
+            continue
+        migrated = name.removesuffix("_FILE")
+        if migrated in keys and hasattr(env, "insert"):
+            env.insert(list(env).index(keys[migrated]), name, value)
+        else:
+            env[name] = value
+    for name, key in keys.items():
+        if name not in entries:
+            del env[key]
+
+
+def _leftovers(compose: dict[str, object], services: list[Service]) -> list[str]:
     """Where an `x-` extension field, the usual home of anchors, holds a migrated `KEY` with its value."""
     moved, found = {(k, v) for s in services for k, v in s.secrets.items()}, []
 
@@ -329,21 +373,21 @@ def store(services: list[Service], mount: str, addr: str | None, *, overwrite: b
 )
 @click.option("--in-place", is_flag=True, help="Rewrite COMPOSE_FILE itself, keeping the original as COMPOSE_FILE.bak.")
 def migrate(
-    compose_file,
-    kv_mount,
-    path_prefix,
-    project_name,
-    only,
-    exclude,
-    consume,
-    target,
-    show_values,
-    write,
-    overwrite,
-    setup_vault,
-    vault_addr,
-    output,
-    in_place,
+    compose_file: Path,
+    kv_mount: str,
+    path_prefix: str | None,
+    project_name: str | None,
+    only: tuple[str, ...],
+    exclude: tuple[str, ...],
+    consume: str,
+    target: str,
+    show_values: bool,
+    write: bool,
+    overwrite: bool,
+    setup_vault: bool,
+    vault_addr: str | None,
+    output: Path | None,
+    in_place: bool,
 ) -> None:
     """Move secrets from COMPOSE_FILE's environment entries into Vault / OpenBao and vault-secrets volumes.
 
@@ -355,10 +399,10 @@ def migrate(
         raise click.UsageError("to rewrite the compose file itself, give --in-place (it keeps a .bak), not --output")
     try:
         text = compose_file.read_text()
-        compose = yaml.safe_load(text)
+        compose = _yaml().load(text)
     except OSError as e:
         raise MigrationError(f"cannot read {compose_file}: {e.strerror}") from e
-    except yaml.YAMLError as e:
+    except ruamel.yaml.error.YAMLError as e:
         raise MigrationError(f"{compose_file} is not valid YAML: {e}") from e
     raw = (
         project_name
@@ -396,7 +440,7 @@ def migrate(
         store(services, mount, vault_addr, overwrite=overwrite, set_up=setup_vault)
     rewritten = (
         f"# Rewritten by vault-secrets-plugin migrate from {compose_file.name}: secrets come from vault-secrets\n"
-        "# volumes. Comments and YAML anchors of the original are not kept.\n" + _dump(compose)
+        "# volumes.\n" + _dump(compose)
     )
     commands = script(services, mount, show_values=show_values, stored=write, set_up=setup_vault)
     if not (destination := compose_file if in_place else output):
@@ -417,26 +461,30 @@ def migrate(
     click.echo(commands, nl=False)
 
 
-class _Dumper(yaml.SafeDumper):
-    """Block style, list items indented under their key, double quotes: as compose files are usually written."""
+class _Emitter(ruamel.yaml.emitter.Emitter):
+    """Strings the migration adds that need quotes get double ones (`uid: "1000"`, as in the docs); quotes
+    the original file chose are kept as they were."""
 
-    def increase_indent(self, flow=False, indentless=False):
-        return super().increase_indent(flow, False)
-
-    def ignore_aliases(self, data):
-        return True
-
-    def choose_scalar_style(self):
-        return '"' if (style := super().choose_scalar_style()) == "'" else style  # uid: "1000", as in the docs
+    def choose_scalar_style(self) -> str | None:
+        style: str | None = super().choose_scalar_style()
+        return '"' if style == "'" and self.event.style != "'" else style
 
 
-_Dumper.add_representer(
-    type(None), lambda dumper, _: dumper.represent_scalar("tag:yaml.org,2002:null", "")
-)  # `pgdata:`
+def _yaml() -> ruamel.yaml.YAML:
+    """Round-trip YAML: comments, anchors, key order and quoting of the original survive the rewrite.
+    New entries are block style with list items indented under their key, as compose files usually are."""
+    yaml = ruamel.yaml.YAML(typ="rt")
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    yaml.width = 1 << 16  # never fold a long value (a DSN, a command) across lines
+    yaml.preserve_quotes = True
+    yaml.Emitter = _Emitter
+    return yaml
 
 
 def _dump(data: object) -> str:
-    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True, width=1 << 16)
+    stream = io.StringIO()
+    _yaml().dump(data, stream)
+    return stream.getvalue()
 
 
 def _text(value: object) -> str | None:
@@ -444,5 +492,5 @@ def _text(value: object) -> str | None:
     return None if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _as_list(value: object) -> list:
+def _as_list(value: object) -> list[Any]:
     return [] if value is None else value if isinstance(value, list) else [value]

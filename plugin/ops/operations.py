@@ -8,7 +8,9 @@ do on every path (sys/capabilities-self, so no secret is read), and revokes it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
+from collections.abc import Callable
 from typing import Any
 
 from plugin.core.errors import PluginError
@@ -60,9 +62,7 @@ class Operations:
                             {
                                 "source": source,
                                 "lease_id": lease_id,
-                                "ttl": self._ttl(
-                                    lambda lease_id=lease_id: self._vault.lease_ttl(record.token, lease_id)
-                                ),
+                                "ttl": self._ttl(functools.partial(self._vault.lease_ttl, record.token, lease_id)),
                             }
                             for source, lease_id in self._store.leases(record.volume, record.mount_id).items()
                         ],
@@ -74,7 +74,7 @@ class Operations:
         return {"vault": self._health(), "identity": identity, "volumes": volumes}
 
     @staticmethod
-    def _ttl(read) -> int | str:
+    def _ttl(read: Callable[[], int | None]) -> int | str:
         try:
             ttl = read()
         except PluginError as e:

@@ -94,8 +94,10 @@ class Vault(VaultPort):
             url=self._addr,
             token=token,
             verify=self._session.verify,
-            cert=self._session.cert,
-            timeout=timeout,
+            # ignore: hvac's stubs say cert is a (cert, key) pair and timeout an int; hvac hands both to
+            # requests, which also takes one combined PEM file and float seconds (retry budgets cut them).
+            cert=self._session.cert,  # type: ignore[arg-type]
+            timeout=timeout,  # type: ignore[arg-type]
             namespace=self._namespace,
             session=self._session,
             adapter=_StatusAdapter,
@@ -109,7 +111,7 @@ class Vault(VaultPort):
         Raises `WrappingTokenError` if Vault says it is not valid (used or expired), `VaultTransientError`
         if Vault could not answer (that says nothing about the token)."""
         try:
-            response = self._call(
+            response = self._json(
                 "lookup_wrapping",
                 "look up the wrapping token",
                 lambda t: self._client("", t).adapter.post("/v1/sys/wrapping/lookup", json={"token": wrapping_token}),
@@ -129,7 +131,7 @@ class Vault(VaultPort):
         was sent but no answer came back (the token may be spent), `VaultTransientError` otherwise."""
         try:
             # hvac sends the wrapping token as X-Vault-Token and nothing in the body.
-            return self._call(
+            return self._json(
                 "unwrap",
                 "unwrap the wrapping token",
                 lambda t: self._client(wrapping_token, t).sys.unwrap(),
@@ -143,7 +145,7 @@ class Vault(VaultPort):
     # -- tokens ---------------------------------------------------------------------------------
 
     def approle_login(self, mount: str, role_id: str, secret_id: str) -> IssuedToken:
-        response = self._call(
+        response = self._json(
             "login",
             f"log in with AppRole at auth/{mount}",
             lambda t: self._client("", t).auth.approle.login(role_id=role_id, secret_id=secret_id, mount_point=mount),
@@ -157,7 +159,7 @@ class Vault(VaultPort):
 
         The TTL granted (`IssuedToken.ttl`) may differ from `ttl`: a role's period or max TTL wins. A
         retried create whose first answer was lost leaves a token nobody holds: keep `ttl` short."""
-        response = self._call(
+        response = self._json(
             "mint",
             _minting(role),
             lambda t: self._client(parent, t).auth.token.create(
@@ -173,7 +175,7 @@ class Vault(VaultPort):
 
         Returns (wrapping token, accessor of the wrapped token); the plugin never sees the inner token.
         """
-        response = self._call(
+        response = self._json(
             "mint",
             _minting(role),
             lambda t: self._client(parent, t).auth.token.create(
@@ -206,7 +208,7 @@ class Vault(VaultPort):
 
     def capabilities(self, token: str, path: str) -> set[str]:
         """What `token` may do on `path` (sys/capabilities-self)."""
-        response = self._call(
+        response = self._json(
             "capabilities",
             f"check capabilities on {path}",
             lambda t: self._client(token, t).adapter.post("/v1/sys/capabilities-self", json={"paths": [path]}),
@@ -242,10 +244,10 @@ class Vault(VaultPort):
                 raise
             log.debug("token already invalid at revocation; nothing left to revoke")
 
-    def _token_call(self, operation: str, what: str, fn: Callable[[float], T]) -> T:
+    def _token_call(self, operation: str, what: str, fn: Callable[[float], object]) -> dict[str, Any]:
         """A call on the token itself (`*-self`): Vault's 403, or 400 "invalid/bad token", says the token is gone."""
         try:
-            return self._call(operation, what, fn)
+            return self._json(operation, what, fn)
         except (VaultTransientError, TLSError):
             raise
         except VaultError as e:
@@ -264,11 +266,14 @@ class Vault(VaultPort):
         """Read `path`, or write `params` to it (dynamic secrets such as pki/issue/...), with what Vault
         said of the answer: its lease, or for KV v2 its version."""
         if params:
-            response = self._call(
-                "write", f"write to {path}", lambda t: self._client(token, t).write_data(path, data=dict(params))
+            response = self._json(
+                "write",
+                f"write to {path}",
+                lambda t: self._client(token, t).write_data(path, data=dict(params)),
+                empty_ok=True,
             )
         else:
-            response = self._call("read", f"read {path}", lambda t: self._client(token, t).read(path))
+            response = self._json("read", f"read {path}", lambda t: self._client(token, t).read(path), empty_ok=True)
         if not response or response.get("data") is None:
             raise VaultError(f"Vault has no secret at {path}: check the path (KV v2 paths contain /data/)")
         data, version = response["data"], None
@@ -310,7 +315,7 @@ class Vault(VaultPort):
     def kv2_current_version(self, token: str, path: str) -> int:
         """The newest version of the KV v2 secret at data path `path`, from its metadata (no secret sent)."""
         mount, _, rest = path.partition("/data/")
-        response = self._call(
+        response = self._json(
             "kv_metadata",
             f"read the metadata of {path}",
             lambda t: self._client(token, t).read(f"{mount}/metadata/{rest}"),
@@ -321,7 +326,7 @@ class Vault(VaultPort):
 
     def renew_lease(self, token: str, lease_id: str, increment: int | None = None) -> int:
         """Renew a lease; returns its new duration in seconds (shorter than asked near its max TTL)."""
-        response = self._call(
+        response = self._json(
             "renew_lease",
             "renew a lease",
             lambda t: self._client(token, t).sys.renew_lease(lease_id, increment=increment),
@@ -342,7 +347,7 @@ class Vault(VaultPort):
         """Seconds left on `lease_id`, or None if Vault no longer knows it (sys/leases/lookup, which the
         default policy allows)."""
         try:
-            response = self._call(
+            response = self._json(
                 "lookup_lease", "look up a lease", lambda t: self._client(token, t).sys.read_lease(lease_id)
             )
         except (VaultTransientError, TLSError):
@@ -370,11 +375,33 @@ class Vault(VaultPort):
                 params={"standbyok": "true", "sealedcode": "200", "uninitcode": "200"},
             )
             response.raise_for_status()
-            return response.json()
+            health: Mapping[str, Any] = response.json()
+            return health
 
         return self._call("health", "check Vault's health", read)
 
     # -- retries and error translation ----------------------------------------------------------
+
+    def _json(
+        self,
+        operation: str,
+        what: str,
+        fn: Callable[[float], object],
+        *,
+        repeatable: bool = True,
+        empty_ok: bool = False,
+    ) -> dict[str, Any]:
+        """`_call` for an hvac request whose answer is read as Vault's JSON object.
+
+        hvac's JSONAdapter (`_StatusAdapter`) returns that object for a 200 with a JSON body; it returns the
+        `requests.Response` for any other success (a 204 has no body), and `Client.read` returns None for a
+        404. Those are `{}` when `empty_ok` (the caller says what is missing), else a `VaultError`."""
+        answer = self._call(operation, what, fn, repeatable=repeatable)
+        if isinstance(answer, dict):
+            return answer
+        if empty_ok:
+            return {}
+        raise VaultError(f"Vault answered without the data expected (could not {what})")
 
     def _call(self, operation: str, what: str, fn: Callable[[float], T], *, repeatable: bool = True) -> T:
         """Run one Vault request, `fn(timeout)`, timing it under `operation` and translating its errors
@@ -485,9 +512,10 @@ class _StatusAdapter(hvac.adapters.JSONAdapter):
     """hvac's JSON adapter, keeping the HTTP status on the exception: hvac maps some statuses (412, 504...)
     to one `UnexpectedError`, and the status is what says whether a retry can help."""
 
+    # ignore: hvac's stubs do not declare the adapters' _raise_for_error, which RawAdapter.request calls.
     def _raise_for_error(self, method: str, url: str, response: requests.Response) -> None:
         try:
-            super()._raise_for_error(method, url, response)
+            super()._raise_for_error(method, url, response)  # type: ignore[misc]
         except hvac.exceptions.VaultError as e:
             e.status_code = response.status_code  # type: ignore[attr-defined]
             raise
@@ -529,9 +557,10 @@ def _ssl_reason(e: BaseException) -> str:
         verify_message = getattr(current, "verify_message", None)
         if verify_message:
             return str(verify_message)
-        if isinstance(current, OSError) and getattr(current, "reason", None) and not found:
-            found = str(current.reason).replace("_", " ").lower()
-        queue += [*current.args, getattr(current, "reason", None), current.__cause__, current.__context__]
+        reason = getattr(current, "reason", None)  # ssl.SSLError's, and urllib3's wrapping errors'
+        if isinstance(current, OSError) and reason and not found:
+            found = str(reason).replace("_", " ").lower()
+        queue += [*current.args, reason, current.__cause__, current.__context__]
     return found or "TLS handshake failed"
 
 

@@ -45,10 +45,13 @@ def unwrap_volume_credential(
         if creation_path.endswith("/secret-id") and not spec.role_id:
             raise InvalidOptionError(f"{source} wraps an AppRole SecretID: also give role-id=<the AppRole's RoleID>")
 
+    # The driver asks for a credential only for a wrapped-token= volume.
+    assert spec.wrapped_token is not None, "a volume without wrapped-token= has no credential to unwrap"
     unwrapped = unwrap_checked(
         vault, spec.wrapped_token, allowed_paths, source=source, before_unwrap=refuse_before_unwrap
     )
     if unwrapped.is_secret_id:
+        assert spec.role_id, "refuse_before_unwrap refused a SecretID without role-id"
         issued = vault.approle_login(spec.approle_mount, spec.role_id, unwrapped.response["data"]["secret_id"])
     elif unwrapped.response.get("auth"):
         issued = issued_from_auth(unwrapped.response["auth"])

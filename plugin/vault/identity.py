@@ -185,7 +185,7 @@ class Identity(TokenSource):
                 ) from e
             raise
         # The consumption mark stays: the same file offered again is recognised as ours, not as tamper.
-        secret_id = unwrapped.response["data"]["secret_id"]
+        secret_id: str = unwrapped.response["data"]["secret_id"]
         self._store.save_pending_secret_id(secret_id, source)
         return secret_id
 
@@ -211,7 +211,12 @@ class Identity(TokenSource):
         target = self._wrapped_file or "<file>"
         return f"bao write -wrap-ttl=10m -f auth/{self._approle_mount}/role/<role>/secret-id > {target}"
 
-    def run(self, stop: threading.Event, on_fatal: Callable[[PluginError], None], sleep=None) -> None:
+    def run(
+        self,
+        stop: threading.Event,
+        on_fatal: Callable[[PluginError], None],
+        sleep: Callable[[float], object] | None = None,
+    ) -> None:
         """Establish the identity (retrying with backoff) and keep it renewed until `stop` is set.
 
         A `WrappingTokenError` is passed to `on_fatal` and ends the loop: it must not be retried.

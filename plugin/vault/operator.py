@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from typing import Any, cast
 
 import hvac
 import hvac.exceptions
@@ -26,7 +27,7 @@ class OperatorVault:
     """One Vault server, with `token` (or the one hvac finds). Each method raises `VaultTransientError`
     (unreachable), `PermissionDeniedError`, `CheckAndSetError` (a write with cas found data) or `VaultError`."""
 
-    def __init__(self, addr: str | None, token: str | None, *, timeout: float = 15):
+    def __init__(self, addr: str | None, token: str | None, *, timeout: int = 15):
         self._client = hvac.Client(url=addr, token=token, timeout=timeout)
         self.url: str = self._client.url
 
@@ -38,8 +39,10 @@ class OperatorVault:
         """The KV version of the engine at `mount` ("1", "2"), as the bao CLI tells them apart: any token may
         ask about a mount it can use."""
         with self._translated(f"sys/internal/ui/mounts/{mount}"):
-            answer = self._client.read(f"sys/internal/ui/mounts/{mount}") or {}
-        return (answer.get("data") or {}).get("options", {}).get("version")
+            # A 200 with a JSON body: hvac's JSONAdapter answers it as a dict (None if the path is not found).
+            answer = cast(dict[str, Any], self._client.read(f"sys/internal/ui/mounts/{mount}") or {})
+        version: str | None = (answer.get("data") or {}).get("options", {}).get("version")
+        return version
 
     def exists(self, path: str) -> bool:
         with self._translated(path):

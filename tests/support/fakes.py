@@ -7,7 +7,9 @@ of recording calls blindly.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from plugin.core.errors import (
     IdentityUnavailableError,
@@ -17,7 +19,10 @@ from plugin.core.errors import (
     VaultTransientError,
 )
 from plugin.core.ports import Mounter, TokenSource, VaultPort, VolumeCredentials
-from plugin.core.records import Fetched, IssuedToken
+from plugin.core.records import Fetched, IssuedToken, VolumeCredential
+from plugin.core.spec import Spec
+
+T = TypeVar("T")
 
 OPTIONS = {"role": "web", "secret.pw": "secret/data/web/db#password", "secret.all": "secret/data/web/db", "uid": "1000"}
 SECRETS = {"secret/data/web/db": {"password": "hunter2", "username": "web"}}
@@ -26,10 +31,10 @@ SECRETS = {"secret/data/web/db": {"password": "hunter2", "username": "web"}}
 class FakeVault(VaultPort):
     """Tokens are counters; `secrets` maps path -> data; failures are switched on by the test."""
 
-    def __init__(self):
-        self.secrets = dict(SECRETS)
+    def __init__(self) -> None:
+        self.secrets: dict[str, Mapping[str, Any]] = dict(SECRETS)
         self.live: dict[str, str] = {}  # token -> accessor
-        self.minted: list[tuple[str, dict]] = []
+        self.minted: list[tuple[str | None, dict[str, str]]] = []  # (role, meta) of each mint
         self.reads: list[tuple[str, str]] = []
         self.renewed: list[str] = []  # accessors and lease IDs, in renewal order
         self.extended: list[str] = []  # accessors of provisional tokens extended at Mount
@@ -44,7 +49,9 @@ class FakeVault(VaultPort):
         self.denied_paths: set[str] = set()
         self._ids = itertools.count(1)
 
-    def mint_child(self, parent, role, ttl, meta, display_name):
+    def mint_child(
+        self, parent: str, role: str | None, ttl: int, meta: Mapping[str, str], display_name: str
+    ) -> IssuedToken:
         self._check()
         n = next(self._ids)
         token, accessor = f"child-token-{n}", f"acc-{n}"
@@ -53,7 +60,7 @@ class FakeVault(VaultPort):
         self.asked_ttls.append(ttl)
         return IssuedToken(token, accessor, self.token_period or ttl, self.renewable)
 
-    def fetch(self, token, path, params=()):
+    def fetch(self, token: str, path: str, params: tuple[tuple[str, str], ...] = ()) -> Fetched:
         self._check()
         assert token in self.live, "read with a revoked or unknown token"
         self.reads.append((token, path))
@@ -66,31 +73,31 @@ class FakeVault(VaultPort):
             return Fetched({"username": f"user-{n}", "password": f"pw-{n}"}, lease, self.dynamic[path], True)
         return Fetched(self.secrets[path], version=self.versions.get(path))
 
-    def fetch_many(self, token, requests):
-        return [self.fetch(token, path, params) for path, params in requests]
+    def fetch_many(self, token: str, requests_: Sequence[tuple[str, tuple[tuple[str, str], ...]]]) -> list[Fetched]:
+        return [self.fetch(token, path, params) for path, params in requests_]
 
-    def concurrently(self, calls):
+    def concurrently(self, calls: Sequence[Callable[[], T]]) -> list[T]:
         return [call() for call in calls]
 
-    def kv2_current_version(self, token, path):
+    def kv2_current_version(self, token: str, path: str) -> int:
         self._check()
         return self.versions[path]
 
-    def renew_lease(self, token, lease_id, increment=None):
+    def renew_lease(self, token: str, lease_id: str, increment: int | None = None) -> int:
         self._check()
         if lease_id not in self.leases:
             raise VaultError("Vault refused to renew a lease: invalid lease ID")
         self.renewed.append(lease_id)
         return self.lease_renewal_ttl
 
-    def revoke_lease(self, token, lease_id):
+    def revoke_lease(self, token: str, lease_id: str) -> None:
         self._check()
         self.leases.pop(lease_id, None)
 
-    def lease_exists(self, token, lease_id):
+    def lease_exists(self, token: str, lease_id: str) -> bool:
         return lease_id in self.leases
 
-    def renew_self(self, token, increment=None):
+    def renew_self(self, token: str, increment: int | None = None) -> IssuedToken:
         """A renewal; with `increment`, the extension of a provisional token at Mount (kept apart in `extended`)."""
         self._check()
         if token not in self.live:
@@ -98,7 +105,7 @@ class FakeVault(VaultPort):
         (self.extended if increment else self.renewed).append(self.live[token])
         return IssuedToken(token, self.live[token], self.token_period or increment or 3600, True)
 
-    def lookup_self(self, token):
+    def lookup_self(self, token: str) -> IssuedToken:
         self._check()
         if token not in self.live:
             raise TokenInvalidError(
@@ -106,51 +113,80 @@ class FakeVault(VaultPort):
             )
         return IssuedToken(token, self.live[token], 3600, True)
 
-    def revoke_self(self, token):
+    def mint_wrapped_child(
+        self, parent: str, role: str | None, ttl: int, meta: Mapping[str, str], display_name: str, wrap_ttl: int
+    ) -> tuple[str, str]:
+        """Like Vault: the inner token lives (by accessor), the plugin sees only the wrapping token."""
+        child = self.mint_child(parent, role, ttl, meta, display_name)
+        return f"wrapping-{child.accessor}", child.accessor
+
+    def revoke_accessor(self, token: str, accessor: str) -> None:
+        self._check()
+        for child, known in list(self.live.items()):
+            if known == accessor:
+                self.revoke_self(child)
+
+    def capabilities(self, token: str, path: str) -> set[str]:
+        """What the plugin token of the demo policy may do: create from token roles, revoke by accessor."""
+        self._check()
+        if token not in self.live and token != "plugin-token":
+            raise TokenInvalidError(
+                "Vault says the token is not valid (could not check capabilities): permission denied"
+            )
+        return {"update"} if path.startswith(("auth/token/create", "auth/token/revoke-accessor")) else {"deny"}
+
+    def revoke_self(self, token: str) -> None:
         self._check()
         self.live.pop(token, None)
         # Like Vault: revoking a token revokes the leases it created.
         for lease in [lease for lease, owner in self.leases.items() if owner == token]:
             del self.leases[lease]
 
-    def _check(self):
+    def _check(self) -> None:
         if self.unavailable:
             raise VaultTransientError("Vault at http://127.0.0.1:1 is unreachable")
 
 
 class FakeMounter(Mounter):
-    def __init__(self, root: Path):
+    def __init__(self, root: Path) -> None:
         self.root = root
-        self.mounted: dict[tuple[str, str], dict] = {}
+        self.mounted: dict[tuple[str, str], dict[str, Any]] = {}  # files, uid, gid, mode, size of each mount
         self.fail = False
 
-    def view_path(self, volume, mount_id):
+    def view_path(self, volume: str, mount_id: str) -> Path:
         return self.root / volume / mount_id / "view"
 
-    def is_mounted(self, volume, mount_id):
+    def is_mounted(self, volume: str, mount_id: str) -> bool:
         return (volume, mount_id) in self.mounted
 
-    def mount(self, volume, mount_id, files, *, uid, gid, mode, size):
+    def mount(
+        self, volume: str, mount_id: str, files: Mapping[str, bytes], *, uid: int, gid: int, mode: int, size: int
+    ) -> Path:
         if self.fail:
             raise MountError("could not create the tmpfs: no space")
         self.mounted[(volume, mount_id)] = {"files": dict(files), "uid": uid, "gid": gid, "mode": mode, "size": size}
         return self.view_path(volume, mount_id)
 
-    def rewrite(self, volume, mount_id, files, *, uid, gid, mode):
+    def rewrite(
+        self, volume: str, mount_id: str, files: Mapping[str, bytes], *, uid: int, gid: int, mode: int
+    ) -> list[str]:
         current = self.mounted[(volume, mount_id)]["files"]
         written = [name for name, content in files.items() if current.get(name) != content]
         current.update(files)
         return written
 
-    def unmount(self, volume, mount_id):
+    def wipe(self, volume: str, mount_id: str) -> None:
+        self.mounted[(volume, mount_id)]["files"] = {}
+
+    def unmount(self, volume: str, mount_id: str) -> None:
         self.mounted.pop((volume, mount_id), None)
 
 
 class FakeIdentity(TokenSource):
-    def __init__(self):
+    def __init__(self) -> None:
         self.problem: str | None = None
 
-    def token(self):
+    def token(self) -> str:
         if self.problem:
             raise IdentityUnavailableError(self.problem)
         return "plugin-token"
@@ -172,5 +208,14 @@ class FakeClock:
 class FakeCredentials(VolumeCredentials):
     """`wrapped-token=` volumes are tested against real OpenBao (tests/test_wrapping_openbao.py)."""
 
-    def unwrap(self, name, spec, allowed_paths):
+    def unwrap(self, name: str, spec: Spec, allowed_paths: Sequence[str]) -> tuple[VolumeCredential, int]:
         raise AssertionError("the driver tests make no wrapped-token volumes")
+
+
+if TYPE_CHECKING:  # mypy: each fake implements every method of its port (an abstract one cannot be made)
+    _PORTS: tuple[VaultPort, Mounter, TokenSource, VolumeCredentials] = (
+        FakeVault(),
+        FakeMounter(Path()),
+        FakeIdentity(),
+        FakeCredentials(),
+    )
