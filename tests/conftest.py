@@ -24,18 +24,16 @@ from devenv.openbao import (  # noqa: E402
     seed_demo,
     wrapped_secret_id,
 )
-from plugin.core.driver import Driver  # noqa: E402
 from plugin.core.scheduler import Scheduler  # noqa: E402
 from plugin.host.seal import Sealer  # noqa: E402
 from plugin.host.store import Store  # noqa: E402
-from plugin.settings import DEFAULT_ALLOWED_PATHS  # noqa: E402
 from tests.support.fakes import (  # noqa: E402
     OPTIONS,
     FakeClock,
-    FakeCredentials,
     FakeIdentity,
     FakeMounter,
     FakeVault,
+    driver_over_fakes,
 )
 from tests.support.plugin import PluginProcess  # noqa: E402
 
@@ -190,16 +188,8 @@ def notified():
 
 @pytest.fixture
 def driver(store, vault, identity, mounter, scheduler, notified):
-    d = Driver(
-        store,
-        vault,
-        identity,
-        mounter,
-        scheduler,
-        hostname="host-a",
-        credentials=FakeCredentials(),
-        wrap_allowed_paths=DEFAULT_ALLOWED_PATHS,
-        notify=lambda volume, signal: notified.append((volume, signal)),
+    d = driver_over_fakes(
+        store, vault, identity, mounter, scheduler, notify=lambda volume, signal: notified.append((volume, signal))
     )
     d.create("web", OPTIONS)
     return d

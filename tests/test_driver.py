@@ -6,7 +6,6 @@ import threading
 
 import pytest
 
-from plugin.core.driver import Driver
 from plugin.core.errors import (
     IdentityUnavailableError,
     InvalidOptionError,
@@ -17,8 +16,7 @@ from plugin.core.errors import (
 )
 from plugin.core.records import MountRecord
 from plugin.core.scheduler import Scheduler
-from plugin.settings import DEFAULT_ALLOWED_PATHS
-from tests.support.fakes import OPTIONS, FakeCredentials
+from tests.support.fakes import OPTIONS, driver_over_fakes
 
 
 def test_create_is_idempotent_and_refuses_different_options(driver):
@@ -153,16 +151,7 @@ def test_revocation_owed_when_vault_is_down_is_retried(driver, vault, mounter, s
 def test_state_survives_a_new_driver_which_can_unmount_and_revoke(driver, store, vault, identity, mounter, clock):
     path = driver.mount("web", "a1")
     scheduler = Scheduler(clock=clock)
-    restarted = Driver(
-        store,
-        vault,
-        identity,
-        mounter,
-        scheduler,
-        hostname="host-a",
-        credentials=FakeCredentials(),
-        wrap_allowed_paths=DEFAULT_ALLOWED_PATHS,
-    )
+    restarted = driver_over_fakes(store, vault, identity, mounter, scheduler)
     restarted.reconcile()  # the tmpfs is still there: nothing to clean, its token is renewed at once
     scheduler.run_due()
     assert vault.renewed == ["acc-1"]

@@ -4,7 +4,6 @@ OpenBao holds the secrets, and containers run as a non-root user."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -210,10 +209,7 @@ def test_a_restart_always_container_is_running_again_with_its_secrets_after_dock
     try:
         assert docker.docker("exec", container, "cat", "/run/secrets/db_password").stdout == SECRET
         docker.restart()
-        deadline = time.monotonic() + 60
-        while docker.docker("inspect", "-f", "{{.State.Running}}", container).stdout.strip() != "true":
-            assert time.monotonic() < deadline, f"the container was not restarted: {docker.log_tail()}"
-            time.sleep(0.5)
+        docker.wait_running(container)
         assert docker.docker("exec", container, "cat", "/run/secrets/db_password").stdout == SECRET
     finally:
         docker.docker("rm", "-f", container, check=False)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import hvac
@@ -185,7 +184,7 @@ def test_managed_plugin_from_build_to_removal(docker, bao, base_image, managed, 
         "600",
     ).stdout.strip()
     docker.restart()
-    _wait_running(docker, container)
+    docker.wait_running(container)
     assert docker.docker("exec", container, "cat", "/run/secrets/db_password").stdout == SECRET
     docker.docker("rm", "-f", container)
 
@@ -215,10 +214,3 @@ def _wrapping_token_usable(bao, token: str) -> bool:
         return True
     except hvac.exceptions.VaultError:  # InvalidRequest: used, expired or unknown
         return False
-
-
-def _wait_running(docker, container: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while docker.docker("inspect", "-f", "{{.State.Running}}", container).stdout.strip() != "true":
-        assert time.monotonic() < deadline, f"dockerd did not restart the container: {docker.log_tail()}"
-        time.sleep(0.5)

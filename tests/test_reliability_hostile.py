@@ -28,8 +28,7 @@ from hypothesis.configuration import set_hypothesis_home_dir
 
 from plugin.core.spec import FILE_OPTION_PREFIXES, SCALAR_OPTIONS
 from plugin.edge.app import MAX_BODY, create_app
-from plugin.settings import DEFAULT_ALLOWED_PATHS
-from tests.support.fakes import OPTIONS, FakeCredentials, FakeMounter
+from tests.support.fakes import OPTIONS, FakeMounter, driver_over_fakes
 from tests.support.faults import mounts_below
 
 ACCEPT = {"Accept": "application/vnd.docker.plugins.v1.2+json"}
@@ -261,19 +260,8 @@ class UnexpectedErrors(logging.Handler):
 
 @pytest.fixture
 def hostile_app(store, vault, identity, scheduler, tmp_path):
-    from plugin.core.driver import Driver
-
     mounter = ConfinedMounter(tmp_path / "mounts")
-    driver = Driver(
-        store,
-        vault,
-        identity,
-        mounter,
-        scheduler,
-        hostname="host-a",
-        credentials=FakeCredentials(),
-        wrap_allowed_paths=DEFAULT_ALLOWED_PATHS,
-    )
+    driver = driver_over_fakes(store, vault, identity, mounter, scheduler)
     driver.create("web", OPTIONS)
     handler = UnexpectedErrors()
     logging.getLogger().addHandler(handler)

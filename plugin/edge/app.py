@@ -1,4 +1,4 @@
-"""The HTTP edge: Docker's plugin protocol over Flask. The only module that imports Flask.
+"""The HTTP edge: Docker's plugin protocol over Flask (only the edge package imports Flask).
 
 dockerd sends POST requests with no Content-Type and, for verbs without arguments, an empty body, so
 bodies are parsed from raw bytes. Docker's wire names (`Name`, `Opts`, `ID`, `Mountpoint`, `Err`)

@@ -1,4 +1,4 @@
-"""The Vault/OpenBao adapter: the only module that imports hvac.
+"""The Vault/OpenBao adapter of the plugin (with `operator`, for migrate, the only modules that import hvac).
 
 Every call passes its token explicitly: hvac would otherwise pick up `VAULT_TOKEN`, `~/.vault-token`
 or CA variables from the environment. TLS settings live on the shared `requests.Session`, because hvac

@@ -167,6 +167,13 @@ class Dockerd:
         restarted = Dockerd.start(self.workdir, timeout)
         self._proc, self.pid = restarted._proc, restarted.pid
 
+    def wait_running(self, container: str, timeout: float = 60) -> None:
+        """Wait until `container` runs (after a restart, say); AssertionError with dockerd's log after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while self.docker("inspect", "-f", "{{.State.Running}}", container).stdout.strip() != "true":
+            assert time.monotonic() < deadline, f"{container} is not running after {timeout:g}s:\n{self.log_tail()}"
+            time.sleep(0.5)
+
     def log_tail(self, lines: int = 40) -> str:
         """The last `lines` lines of the daemon log ('' if unreadable)."""
         try:

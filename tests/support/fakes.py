@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from plugin.core.driver import Driver
 from plugin.core.errors import (
     IdentityUnavailableError,
     MountError,
@@ -18,9 +19,11 @@ from plugin.core.errors import (
     VaultError,
     VaultTransientError,
 )
-from plugin.core.ports import Mounter, TokenSource, VaultPort, VolumeCredentials
+from plugin.core.ports import Mounter, StorePort, TokenSource, VaultPort, VolumeCredentials
 from plugin.core.records import Fetched, IssuedToken, VolumeCredential
+from plugin.core.scheduler import Scheduler
 from plugin.core.spec import Spec
+from plugin.settings import DEFAULT_ALLOWED_PATHS
 
 T = TypeVar("T")
 
@@ -210,6 +213,23 @@ class FakeCredentials(VolumeCredentials):
 
     def unwrap(self, name: str, spec: Spec, allowed_paths: Sequence[str]) -> tuple[VolumeCredential, int]:
         raise AssertionError("the driver tests make no wrapped-token volumes")
+
+
+def driver_over_fakes(
+    store: StorePort, vault: VaultPort, identity: TokenSource, mounter: Mounter, scheduler: Scheduler, **options: Any
+) -> Driver:
+    """The driver as the composition root makes it, over these fakes (host `host-a`, default allow-list)."""
+    return Driver(
+        store,
+        vault,
+        identity,
+        mounter,
+        scheduler,
+        hostname="host-a",
+        credentials=FakeCredentials(),
+        wrap_allowed_paths=DEFAULT_ALLOWED_PATHS,
+        **options,
+    )
 
 
 if TYPE_CHECKING:  # mypy: each fake implements every method of its port (an abstract one cannot be made)
