@@ -249,3 +249,20 @@ def _run_cli(*args: str, stdin: str = ""):
     import subprocess
 
     return subprocess.run([plugin_command(), *args], input=stdin, capture_output=True, text=True, timeout=60)
+
+
+def test_a_garbled_answer_fails_the_mount_with_an_err_and_no_traceback(plugin, proxy):
+    process = plugin.start()
+    process.client.ok("VolumeDriver.Create", {"Name": "garbled", "Opts": OPTIONS})
+    proxy.answer("/v1/secret/data/web/db", b"<html>captive portal</html>", content_type="text/html", times=5)
+    status, reply = process.client.call("VolumeDriver.Mount", {"Name": "garbled", "ID": "ac01"})
+    assert (
+        status == 500
+        and "answered something that is not Vault's JSON (could not read secret/data/web/db)" in reply["Err"]
+    )
+    assert "Traceback" not in process.log()
+    assert state_query(plugin.state_dir, "SELECT COUNT(*) FROM mounts") == [(0,)]
+    status, reply = process.client.call(
+        "VolumeDriver.Create", {"Name": "leaky", "Opts": {"role": "web", "secret.me": "auth/token/lookup-self#id"}}
+    )
+    assert status == 500 and "answers with a Vault token" in reply["Err"] and "token-file=" in reply["Err"]

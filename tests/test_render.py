@@ -266,3 +266,18 @@ def test_template_cannot_reach_python_internals():
     spec = parse_spec({"role": "web", "template.t": '{{ secret("kv/web").__class__.__mro__ }}'})
     with pytest.raises(SecretFormatError, match="SecurityError"):
         render_files(spec, {spec.sources[0]: {}})
+
+
+def test_a_template_cannot_change_what_other_files_are_rendered_from():
+    spec = parse_spec(
+        {
+            "role": "web",
+            "template.a": '{{ secret("kv/web").update({"password": "x"}) }}',
+            "secret.b": "kv/web#password",
+        }
+    )
+    data = {"password": SECRET_VALUE}
+    with pytest.raises(SecretFormatError, match="template a: SecurityError: .*unsafe"):
+        render_files(spec, {spec.sources[0]: data})
+    assert render_files(spec, {spec.sources[0]: data}, only=set()) == {} and data == {"password": SECRET_VALUE}
+    assert render_file(spec.files[1], data) == SECRET_VALUE.encode()

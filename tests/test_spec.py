@@ -364,3 +364,26 @@ def test_messages_escape_control_characters_of_a_field():
     message = refusal(options(secret__db_password="kv/web#\x1b[2Jfield", format__db_password="env"))
 
     assert "\x1b" not in message
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "auth/token/lookup-self#id",
+        "auth/token/lookup?token=x#id",
+        "auth/token/create/web?ttl=1h",
+        "auth/approle/login?role_id=a&secret_id=b",
+        "sys/wrapping/unwrap?token=x",
+        "team-a/auth/token/lookup-self#id",
+    ],
+)
+def test_sources_that_answer_with_a_token_are_refused_with_the_way_to_give_one(source):
+    with pytest.raises(InvalidOptionError, match="answers with a Vault token .* use token-file=<name>"):
+        parse_spec({"role": "web", "secret.me": source})
+    with pytest.raises(InvalidOptionError, match="answers with a Vault token"):
+        parse_spec({"role": "web", "template.me": f'{{{{ secret("{source.split("#")[0]}") }}}}'})
+
+
+@pytest.mark.parametrize("source", ["secret/data/web/auth#token", "database/creds/token", "kv/sys/config#x"])
+def test_secrets_merely_named_like_token_endpoints_are_accepted(source):
+    assert parse_spec({"role": "web", "secret.x": source}).files[0].path == source.split("#")[0]

@@ -153,3 +153,35 @@ def test_answers_without_a_body_are_vault_errors_not_crashes(bao, vault):
         vault.fetch(bao.server.root_token, "kv1/web/written", (("k", "v"),))
     with pytest.raises(VaultError, match="without the data expected"):
         vault.kv2_current_version(bao.server.root_token, "secret/data/web/never-written")
+
+
+@pytest.mark.parametrize(
+    "body, content_type",
+    [
+        (b"<html><body>502 Bad Gateway</body></html>", "text/html"),
+        (b"", "application/json"),
+        (b'{"data": {"password": "cut', "application/json"),
+    ],
+)
+def test_an_answer_that_is_not_vaults_json_is_a_final_error_naming_it(bao, proxy, vault, body, content_type):
+    proxy.answer(READ, body, content_type=content_type, times=3)
+    with retry.budget(10), pytest.raises(VaultError, match="answered something that is not Vault's JSON") as raised:
+        vault.fetch(bao.server.root_token, "secret/data/web/db")
+    assert not isinstance(raised.value, VaultTransientError)
+    assert actions(proxy, READ) == ["answered 200"], "sent once: the same server will say the same"
+
+
+def test_an_oversized_answer_is_refused_without_reading_it_all(bao, proxy, vault):
+    proxy.answer(READ, b'{"data": "' + b"x" * (5 << 20) + b'"}', times=1)
+    with retry.budget(10), pytest.raises(VaultError, match="answered more than 4 MiB"):
+        vault.fetch(bao.server.root_token, "secret/data/web/db")
+
+
+def test_a_trickling_answer_is_bounded_by_the_request_timeout_not_each_read(bao, proxy, vault):
+    """One byte every 0.3 s keeps each read under the 1 s timeout; the request as a whole is cut at 1 s,
+    and the retries at the budget."""
+    proxy.answer(READ, b'{"data": {"password": "' + b"x" * 200 + b'"}}', trickle=0.3, for_seconds=30)
+    started = time.monotonic()
+    with retry.budget(3), pytest.raises(VaultTransientError, match="within 1s"):
+        vault.fetch(bao.server.root_token, "secret/data/web/db")
+    assert time.monotonic() - started < 4.5

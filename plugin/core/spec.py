@@ -298,6 +298,12 @@ def _parse_source(
             f"option {option}={_show(source)}: expected a Vault API path with optional ?parameters and #field, "
             "e.g. secret/data/web/db#password, kv/web/db#password or pki/issue/web?common_name=web.internal#certificate"
         )
+    if _answers_with_a_token(segments):
+        raise InvalidOptionError(
+            f"option {option}={_show(source)}: {_show(path)} answers with a Vault token (the mount's own, or a new "
+            "one), which would sit in the container's files outside the plugin's control: refused. To give the "
+            "container a token of its own, revoked when it stops, use token-file=<name>"
+        )
     try:
         params = tuple(urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=True)) if query else ()
     except ValueError as e:
@@ -312,6 +318,18 @@ def _parse_source(
     if sep and any(c in field for c in "\x00/\n\r"):
         raise InvalidOptionError(f"option {option}: field {_show(field)} contains a forbidden character")
     return path, params, (field if sep else None)
+
+
+def _answers_with_a_token(segments: list[str]) -> bool:
+    """Token endpoints (auth/token/...: lookup-self shows the reader's own token, create makes one), logins
+    (auth/<method>/login) and response wrapping (sys/wrapping/...), also below a namespace prefix."""
+    for i, segment in enumerate(segments):
+        following = segments[i + 1 : i + 3]
+        if segment == "auth" and (following[:1] == ["token"] or following[1:2] == ["login"]):
+            return True
+        if segment == "sys" and following[:1] == ["wrapping"]:
+            return True
+    return False
 
 
 def _parse_signal(raw: str | None) -> str | None:

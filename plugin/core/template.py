@@ -17,13 +17,15 @@ from jinja2 import (
     UndefinedError,
     nodes,
 )
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from plugin.core.errors import InvalidOptionError, SecretFormatError
 
 MAX_TEMPLATE = 16 << 10
 
-_ENV = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+# Immutable: a template cannot change the secret data its sibling files are rendered from (dict.update...).
+_ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
 _ENV.globals.clear()  # no range, dict, lipsum, cycler, joiner, namespace: only secret() is given
 
 
@@ -79,6 +81,8 @@ def render_template(name: str, text: str, secrets: Mapping[str, Mapping[str, Any
     except UndefinedError as e:
         # Jinja2 names the missing attribute and the kind of object, not its content.
         raise SecretFormatError(f"template {name}: {e.message}") from e
+    except SecurityError as e:  # the same: what was forbidden, on which kind of object
+        raise SecretFormatError(f"template {name}: SecurityError: {e.message}") from e
     except TemplateError as e:
         raise SecretFormatError(f"template {name}: {type(e).__name__} while rendering") from e
     except (TypeError, ValueError, ArithmeticError) as e:

@@ -13,6 +13,7 @@ see an hvac exception. Messages name the operation and path, never a token or a 
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import functools
 import logging
 import threading
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 FETCH_THREADS = 8
+MAX_ANSWER = 4 << 20  # bytes: a secret, a certificate chain or a lease list is far smaller; more is not Vault
 MIN_ATTEMPT = 0.5  # seconds: a retry is not worth sending with less budget left than this
 RETRY_CAP = 2.0  # seconds between retries inside a budget, at most
 # Vault's own client (api.DefaultRetryPolicy) retries these and 5xx but 501 (not initialised).
@@ -82,6 +84,7 @@ class Vault(VaultPort):
         self._session.verify = cacert or True
         if client_cert:
             self._session.cert = (client_cert, client_key) if client_key else client_cert
+        self._session.hooks["response"].append(_read_bounded)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=32)
@@ -399,6 +402,8 @@ class Vault(VaultPort):
         answer = self._call(operation, what, fn, repeatable=repeatable)
         if isinstance(answer, dict):
             return answer
+        if isinstance(answer, requests.Response) and answer.status_code == 200:  # hvac's JSON decoding failed
+            raise VaultError(_not_json(self._addr, what))
         if empty_ok:
             return {}
         raise VaultError(f"Vault answered without the data expected (could not {what})")
@@ -414,6 +419,7 @@ class Vault(VaultPort):
             left = retry.remaining()
             timeout = self._timeout if left is None else max(min(self._timeout, left), MIN_ATTEMPT)
             started = time.monotonic()
+            deadline = _attempt_deadline.set(started + timeout)  # the whole answer, not each read (_read_bounded)
             try:
                 return self._translate(what, lambda: fn(timeout), timeout, repeatable)
             except VaultTransientError as e:
@@ -433,6 +439,7 @@ class Vault(VaultPort):
                 VAULT_ERRORS.labels(operation, "refused").inc()
                 raise
             finally:
+                _attempt_deadline.reset(deadline)
                 VAULT_SECONDS.labels(operation).observe(time.monotonic() - started)
 
     def _translate(self, what: str, fn: Callable[[], T], timeout: float, repeatable: bool) -> T:
@@ -462,6 +469,11 @@ class Vault(VaultPort):
                 f"Vault at {self._addr} is unreachable (could not {what} within {timeout:g}s): "
                 "check that it is running and that VAULT_ADDR is right"
             ) from e
+        except _AnswerTooLargeError as e:
+            raise VaultError(
+                f"Vault at {self._addr} answered more than {MAX_ANSWER >> 20} MiB (could not {what}): that is no Vault "
+                "answer; check that VAULT_ADDR points at Vault, not a proxy or a web server"
+            ) from e
         except requests.HTTPError as e:
             status = e.response.status_code
             if _transient_status(status, e.response.text):
@@ -478,6 +490,8 @@ class Vault(VaultPort):
             if isinstance(e, hvac.exceptions.InvalidPath):
                 raise VaultError(f"Vault found nothing to {what} (404): check the path") from e
             raise VaultError(f"Vault refused to {what}: {_reasons(e)}") from e
+        except ValueError as e:  # requests' JSONDecodeError (health): HTML, an empty or cut body, not JSON at all
+            raise VaultError(_not_json(self._addr, what)) from e
 
     def _tls_message(self, e: requests.exceptions.SSLError) -> str:
         reason = _ssl_reason(e)
@@ -519,6 +533,42 @@ class _StatusAdapter(hvac.adapters.JSONAdapter):
         except hvac.exceptions.VaultError as e:
             e.status_code = response.status_code  # type: ignore[attr-defined]
             raise
+
+
+_attempt_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("attempt_deadline", default=None)
+
+
+class _AnswerTooLargeError(requests.RequestException):
+    """The answer's body is over MAX_ANSWER bytes (raised while reading it, by `_read_bounded`)."""
+
+
+def _read_bounded(response: requests.Response, *args: object, **kwargs: object) -> requests.Response:
+    """A requests response hook: it runs once the headers are in and reads the body itself, with two bounds a
+    plain read lacks. At most MAX_ANSWER bytes, and the whole within the attempt's deadline: requests'
+    timeout is per read, and restarts with every byte a trickling server sends."""
+    length = response.headers.get("Content-Length", "")
+    if length.isdigit() and int(length) > MAX_ANSWER:
+        response.close()
+        raise _AnswerTooLargeError(f"Content-Length {length}")
+    deadline, chunks, size = _attempt_deadline.get(), [], 0
+    while chunk := response.raw.read1(1 << 16, decode_content=True):
+        size += len(chunk)
+        if size > MAX_ANSWER:
+            response.close()
+            raise _AnswerTooLargeError(f"over {MAX_ANSWER} bytes")
+        if deadline is not None and time.monotonic() > deadline:
+            response.close()
+            raise requests.exceptions.ReadTimeout("the answer did not arrive whole within the request's timeout")
+        chunks.append(chunk)
+    response._content = b"".join(chunks)  # what `response.content` returns from now on: read once, here
+    return response
+
+
+def _not_json(addr: str, what: str) -> str:
+    return (
+        f"Vault at {addr} answered something that is not Vault's JSON (could not {what}): check that VAULT_ADDR "
+        "points at Vault, not a proxy or a web server"
+    )
 
 
 def _transient_status(status: int, reasons: str) -> bool:

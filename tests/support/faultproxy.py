@@ -82,7 +82,7 @@ class Seen:
 
 @dataclasses.dataclass
 class _Rule:
-    action: str  # "fail", "reset", "delay", "withhold"
+    action: str  # "fail", "reset", "delay", "withhold", "answer"
     pattern: str
     method: str | None
     times: int | None  # requests left; None: no count
@@ -90,6 +90,8 @@ class _Rule:
     status: int = 0
     message: str | None = None
     seconds: float = 0.0
+    body: bytes = b""
+    content_type: str = "application/json"
 
     def live(self, now: float) -> bool:
         return (self.times is None or self.times > 0) and (self.deadline is None or now < self.deadline)
@@ -203,6 +205,34 @@ class FaultProxy:
         """Forward matching requests and read the server's answer, then give the client nothing for `seconds`
         (or until `clear()`) and close its connection: the server did the work, the client never learns."""
         self._add(_Rule("withhold", path, method, *self._bound(times, for_seconds, once=True), seconds=seconds))
+
+    def answer(
+        self,
+        path: str,
+        body: bytes,
+        status: int = 200,
+        *,
+        content_type: str = "application/json",
+        trickle: float = 0.0,
+        times: int | None = None,
+        for_seconds: float | None = None,
+        method: str | None = None,
+    ) -> None:
+        """Answer matching requests with `status` and exactly `body`, without forwarding them: a garbled,
+        empty, HTML or oversized answer. With `trickle`, the body is sent one byte every `trickle` seconds
+        (until the client gives up): each read is quick, the whole never is."""
+        self._add(
+            _Rule(
+                "answer",
+                path,
+                method,
+                *self._bound(times, for_seconds, once=True),
+                status=status,
+                seconds=trickle,
+                body=body,
+                content_type=content_type,
+            )
+        )
 
     def clear(self) -> None:
         """Drop every rule. Requests being delayed are forwarded now; withheld ones are closed now."""
@@ -409,6 +439,9 @@ class _Handler(BaseHTTPRequestHandler):
         elif rule.action == "reset":
             self.proxy._record(Seen(method, path, "reset", None, None))
             self._reset()
+        elif rule.action == "answer":
+            self.proxy._record(Seen(method, path, f"answered {rule.status}", rule.status, None))
+            self._answer_raw(rule, release)
         elif rule.action == "delay":
             release.wait(rule.seconds)
             if self.proxy.stopped:
@@ -545,6 +578,23 @@ class _Handler(BaseHTTPRequestHandler):
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         self.wfile.write(head if no_body else head + data)
+
+    def _answer_raw(self, rule: _Rule, release: threading.Event) -> None:
+        headers = [("Content-Type", rule.content_type)]
+        if not rule.seconds:
+            self._respond(self.command, rule.status, _phrase(rule.status), headers, rule.body)
+            return
+        self.close_connection = True
+        head = f"{self.protocol_version} {rule.status} {_phrase(rule.status)}\r\nContent-Type: {rule.content_type}\r\n"
+        self.wfile.write(f"{head}Content-Length: {len(rule.body)}\r\nConnection: close\r\n\r\n".encode("latin-1"))
+        try:
+            for byte in rule.body:
+                if release.wait(rule.seconds) or self.proxy.stopped:
+                    return
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+        except OSError:  # the client gave up, as it should
+            return
 
     def _reset(self) -> None:
         """Close the client's connection with a TCP RST (SO_LINGER 0) rather than a FIN."""
