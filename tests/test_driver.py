@@ -317,3 +317,10 @@ def test_mounts_of_volumes_no_running_container_uses_are_released(driver, vault,
     monkeypatch.setattr("plugin.core.driver.time.time", lambda: later)
     assert driver.release_unused(lambda volume: in_use[volume]) == 1
     assert list(mounter.mounted) == [("web", "a1")] and len(vault.live) == 1
+
+
+def test_notify_is_refused_where_nothing_can_deliver_it(store, vault, identity, mounter, scheduler):
+    driver = driver_over_fakes(store, vault, identity, mounter, scheduler)  # no notify: no --docker-socket
+    with pytest.raises(InvalidOptionError, match="option notify=SIGHUP: .*--docker-socket"):
+        driver.create("quiet", {**OPTIONS, "notify": "HUP"})
+    driver.create("quiet", OPTIONS)

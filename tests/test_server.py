@@ -191,3 +191,19 @@ def test_state_copied_without_its_seal_key_is_refused_and_reveals_nothing(start_
     )
     assert refused.returncode != 0 and "seal key" in refused.stderr and "is missing" in refused.stderr
     assert not (copy / "seal.key").exists()
+
+
+def test_a_secret_larger_than_size_names_the_file_and_the_limit(start_plugin, bao, short_tmp):
+    bao.root.secrets.kv.v2.create_or_update_secret(path="web/big", secret={"blob": "x" * 100_000})
+    plugin = start_plugin()
+    plugin.client.ok(
+        "VolumeDriver.Create",
+        {"Name": "big", "Opts": {"role": "web", "secret.blob": "secret/data/web/big#blob", "size": "64k"}},
+    )
+    status, reply = plugin.client.call("VolumeDriver.Mount", {"Name": "big", "ID": MOUNT_ID})
+    assert status == 500
+    assert "file blob (100000 bytes) does not fit" in reply["Err"] and "more than size=64k" in reply["Err"]
+    assert "raise size=" in reply["Err"] and "None" not in reply["Err"]
+    assert not (short_tmp / "state" / "mounts" / "big").exists() or not any(
+        (short_tmp / "state" / "mounts" / "big").iterdir()
+    )

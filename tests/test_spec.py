@@ -387,3 +387,10 @@ def test_sources_that_answer_with_a_token_are_refused_with_the_way_to_give_one(s
 @pytest.mark.parametrize("source", ["secret/data/web/auth#token", "database/creds/token", "kv/sys/config#x"])
 def test_secrets_merely_named_like_token_endpoints_are_accepted(source):
     assert parse_spec({"role": "web", "secret.x": source}).files[0].path == source.split("#")[0]
+
+
+@pytest.mark.parametrize("raw", ["1h1h", "30m1h", "1s1m", "2d2d"])
+def test_durations_with_repeated_or_unordered_units_are_refused(raw):
+    with pytest.raises(InvalidOptionError, match=f"option ttl='{raw}'"):
+        parse_spec({"role": "web", "secret.x": "kv/a#b", "ttl": raw})
+    assert parse_spec({"role": "web", "secret.x": "kv/a#b", "ttl": "1d2h3m4s"}).ttl == 86400 + 7200 + 184

@@ -108,6 +108,11 @@ class Driver:
         _check_volume_name(name)
         options = dict(options or {})
         spec = parse_spec(options)
+        if spec.notify and self._notify is None:
+            raise InvalidOptionError(
+                f"option notify={spec.notify}: this plugin cannot signal containers (it runs without "
+                "--docker-socket): drop notify=, or run the plugin with --docker-socket /run/docker.sock"
+            )
         stored = _stored_options(options)
         with self._hold(name):
             existing = self._store.volume(name)

@@ -384,6 +384,9 @@ def parse_duration(raw: str) -> int | None:
     parts = _DURATION_PART.findall(raw)
     if not parts or "".join(n + u for n, u in parts) != raw:
         return None
+    order = [list(_UNITS).index(u) for _, u in parts]
+    if order != sorted(set(order), reverse=True):  # each unit once, largest first: 1h30m, not 1h1h or 30m1h
+        return None
     return sum(int(n) * _UNITS[u] for n, u in parts)
 
 

@@ -92,7 +92,7 @@ class TmpfsMounter(Mounter):
             _mount("none", view, None, MS_REMOUNT | MS_BIND | MS_RDONLY | _HARDENED)
         except OSError as e:
             self._remove(volume, mount_id)
-            raise MountError(f"could not create the tmpfs for volume {volume}: {e.strerror} ({e.filename})") from e
+            raise MountError(_failure(f"could not create the tmpfs for volume {volume}", e, files, size)) from e
         return view
 
     def rewrite(
@@ -111,7 +111,7 @@ class TmpfsMounter(Mounter):
                 write_atomically(data, name, content, uid=uid, gid=gid, mode=mode)
                 written.append(name)
         except OSError as e:
-            raise MountError(f"could not update the files of volume {volume}: {e.strerror} ({e.filename})") from e
+            raise MountError(_failure(f"could not update the files of volume {volume}", e, files, None)) from e
         return written
 
     def wipe(self, volume: str, mount_id: str) -> None:
@@ -147,15 +147,34 @@ class TmpfsMounter(Mounter):
 
 
 def write_atomically(directory: Path, name: str, content: bytes, *, uid: int, gid: int, mode: int) -> None:
-    """Write `directory/name` via a temp file renamed over it: readers see the old or the new file, whole."""
+    """Write `directory/name` via a temp file renamed over it: readers see the old or the new file, whole.
+    An `OSError` names the file (calls on a descriptor, such as a write that finds the tmpfs full, do not)."""
     temp = directory / f".{name}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        os.fchown(fd, uid, gid)
-        os.fchmod(fd, mode)
-        view = memoryview(content)
-        while view:
-            view = view[os.write(fd, view) :]
-    finally:
-        os.close(fd)
-    os.rename(temp, directory / name)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, mode)
+            view = memoryview(content)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        os.rename(temp, directory / name)
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, name) from e
+        raise
+
+
+def _failure(what: str, error: OSError, files: Mapping[str, bytes], size: int | None) -> str:
+    """The Err for a failed write: a full tmpfs says which file did not fit and how much the secrets need."""
+    name = Path(str(error.filename)).name
+    if error.errno == errno.ENOSPC and name in files:
+        total = sum(len(content) for content in files.values())
+        limit = f"size={size // 1024}k" if size else "its size="
+        return (
+            f"{what}: file {name} ({len(files[name])} bytes) does not fit; the secrets take {total} bytes in "
+            f"{len(files)} file(s), more than {limit} leaves room for: raise size= (at most 16m)"
+        )
+    return f"{what}: {error.strerror} ({name if name in files else error.filename})"
