@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -281,3 +282,47 @@ def test_a_template_cannot_change_what_other_files_are_rendered_from():
         render_files(spec, {spec.sources[0]: data})
     assert render_files(spec, {spec.sources[0]: data}, only=set()) == {} and data == {"password": SECRET_VALUE}
     assert render_file(spec.files[1], data) == SECRET_VALUE.encode()
+
+
+@pytest.mark.parametrize(
+    "template, bound",
+    [
+        (
+            "{% for a in 'x' * 1000000 %}{% for b in 'x' * 1000000 %}{% endfor %}{% endfor %}",
+            "did not finish within 2s",
+        ),
+        ("{{ 'x' * 1000000000 }}", "used more than 256 MiB of memory.*"),
+        ("{{ 'x' * 20000000 }}", "produced more than 16777216 bytes"),
+    ],
+)
+def test_a_runaway_template_is_stopped_at_its_bound(template, bound):
+    spec = parse_spec({"role": "web", "template.t": template})
+    started = time.monotonic()
+    with pytest.raises(SecretFormatError, match=f"template t: {bound}; a template gets 2s"):
+        render_files(spec, {})
+    assert time.monotonic() - started < 3
+
+
+def test_runaway_templates_do_not_stop_other_work():
+    """Renders run in child processes: while four runaways burn their 2 s, this thread goes on."""
+    import threading
+
+    spec = parse_spec({"role": "web", "template.t": "{% for a in 'x' * 100000000 %}{% endfor %}"})
+    errors: list[Exception] = []
+
+    def runaway() -> None:
+        try:
+            render_files(spec, {})
+        except SecretFormatError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=runaway) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    started, ticks = time.monotonic(), 0
+    while any(thread.is_alive() for thread in threads):
+        time.sleep(0.01)
+        ticks += 1
+    assert len(errors) == 6 and all("2s" in str(e) or "no renderer was free" in str(e) for e in errors)
+    # Generous: the children run at the lowest priority, so the waits above overrun by far less than this.
+    assert ticks > 0.25 * (time.monotonic() - started) / 0.01, "the calling process stayed responsive"

@@ -1,4 +1,7 @@
-"""`template.<file>=...`: several secrets rendered into one file by a sandboxed Jinja2 template. Pure.
+"""`template.<file>=...`: several secrets rendered into one file by a sandboxed Jinja2 template.
+
+Pure but for where it runs: rendering happens in a bounded child process (`plugin.core.bounded`), since a
+template can loop for ever or grow without end and Python cannot stop a thread.
 
 A template reaches exactly one global, `secret("<source>")`, which returns that source's data, and
 Jinja2's built-in filters. Sources must be string literals so that Create can validate them and Mount
@@ -20,9 +23,13 @@ from jinja2 import (
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from plugin.core import retry
+from plugin.core.bounded import MEMORY, BoundExceededError, run_bounded
 from plugin.core.errors import InvalidOptionError, SecretFormatError
 
 MAX_TEMPLATE = 16 << 10
+RENDER_SECONDS = 2.0
+MAX_OUTPUT = 16 << 20  # the largest tmpfs (size=16m)
 
 # Immutable: a template cannot change the secret data its sibling files are rendered from (dict.update...).
 _ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
@@ -70,21 +77,37 @@ def _bound_names(tree: nodes.Template) -> set[str]:
 def render_template(name: str, text: str, secrets: Mapping[str, Mapping[str, Any]]) -> str:
     """Render template file `name`; `secrets` maps each literal `secret()` argument to its data.
 
-    Raises `SecretFormatError` naming the file and what is wrong (a missing field, a type error).
+    The rendering runs bounded (`plugin.core.bounded`): RENDER_SECONDS (less if the caller's budget ends
+    sooner), a memory cap, and MAX_OUTPUT bytes. Raises `SecretFormatError` naming the file and what is
+    wrong (a missing field, a type error, a bound exceeded).
     """
 
     def secret(source: str) -> Mapping[str, Any]:
         return secrets[source]
 
+    def render() -> str:
+        try:
+            # Compiled in the child too: Jinja2 folds constant expressions at compile time ('x' * 10**9).
+            return _ENV.from_string(text).render(secret=secret)
+        except UndefinedError as e:
+            # Jinja2 names the missing attribute and the kind of object, not its content.
+            raise SecretFormatError(f"template {name}: {e.message}") from None
+        except SecurityError as e:  # the same: what was forbidden, on which kind of object
+            raise SecretFormatError(f"template {name}: SecurityError: {e.message}") from None
+        except TemplateError as e:
+            raise SecretFormatError(f"template {name}: {type(e).__name__} while rendering") from None
+        except (TypeError, ValueError, ArithmeticError) as e:
+            # Their messages can quote operands, which may be secret values: only the kind is reported.
+            raise SecretFormatError(
+                f"template {name}: {type(e).__name__} while rendering (check the expressions)"
+            ) from None
+
+    left = retry.remaining()
+    seconds = RENDER_SECONDS if left is None else max(min(RENDER_SECONDS, left), 0.1)
     try:
-        return _ENV.from_string(text).render(secret=secret)
-    except UndefinedError as e:
-        # Jinja2 names the missing attribute and the kind of object, not its content.
-        raise SecretFormatError(f"template {name}: {e.message}") from e
-    except SecurityError as e:  # the same: what was forbidden, on which kind of object
-        raise SecretFormatError(f"template {name}: SecurityError: {e.message}") from e
-    except TemplateError as e:
-        raise SecretFormatError(f"template {name}: {type(e).__name__} while rendering") from e
-    except (TypeError, ValueError, ArithmeticError) as e:
-        # Their messages can quote operands, which may be secret values: only the kind is reported.
-        raise SecretFormatError(f"template {name}: {type(e).__name__} while rendering (check the expressions)") from e
+        return run_bounded(render, seconds=seconds, max_output=MAX_OUTPUT)
+    except BoundExceededError as e:
+        raise SecretFormatError(
+            f"template {name}: {e}; a template gets {RENDER_SECONDS:g}s, {MEMORY >> 20} MiB and "
+            f"{MAX_OUTPUT >> 20} MiB of output: simplify it"
+        ) from None
