@@ -120,12 +120,12 @@ def test_refresh_picks_up_a_new_kv_version(start_plugin, bao):
     plugin = start_plugin()
     plugin.client.ok(
         "VolumeDriver.Create",
-        {"Name": "kv", "Opts": {"role": "web", "secret.pw": "secret/data/web/rotating#password", "refresh": "1s"}},
+        {"Name": "kv", "Opts": {"role": "web", "secret.pw": "secret/data/web/rotating#password", "refresh": "5s"}},
     )
     view = plugin.client.ok("VolumeDriver.Mount", {"Name": "kv", "ID": MOUNT_ID})["Mountpoint"]
     assert read(view, "pw") == "one"
     bao.root.secrets.kv.v2.create_or_update_secret(path="web/rotating", secret={"password": "two"})
-    wait_for(lambda: read(view, "pw") == "two", 5, "the new version")
+    wait_for(lambda: read(view, "pw") == "two", 10, "the new version")
     assert not any(p.name.startswith(".") for p in Path(view).iterdir()), "no temp file left behind"
     plugin.client.ok("VolumeDriver.Unmount", {"Name": "kv", "ID": MOUNT_ID})
 

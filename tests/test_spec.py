@@ -394,3 +394,11 @@ def test_durations_with_repeated_or_unordered_units_are_refused(raw):
     with pytest.raises(InvalidOptionError, match=f"option ttl='{raw}'"):
         parse_spec({"role": "web", "secret.x": "kv/a#b", "ttl": raw})
     assert parse_spec({"role": "web", "secret.x": "kv/a#b", "ttl": "1d2h3m4s"}).ttl == 86400 + 7200 + 184
+
+
+@pytest.mark.parametrize("raw", ["1s", "4", "4s"])
+def test_a_refresh_below_the_minimum_is_refused(raw):
+    with pytest.raises(InvalidOptionError, match=f"option refresh='{raw}': expected .*at least 5s"):
+        parse_spec({"role": "web", "secret.x": "kv/a#b", "refresh": raw})
+    assert parse_spec({"role": "web", "secret.x": "kv/a#b", "refresh": "0"}).refresh == 0
+    assert parse_spec({"role": "web", "secret.x": "kv/a#b", "refresh": "5s"}).refresh == 5

@@ -185,3 +185,20 @@ def test_a_trickling_answer_is_bounded_by_the_request_timeout_not_each_read(bao,
     with retry.budget(3), pytest.raises(VaultTransientError, match="within 1s"):
         vault.fetch(bao.server.root_token, "secret/data/web/db")
     assert time.monotonic() - started < 4.5
+
+
+@pytest.mark.parametrize(
+    "path, body, call",
+    [
+        ("/v1/auth/approle/login", b'{"auth": {}}', lambda v, b: v.approle_login("approle", "r", "s")),
+        ("/v1/auth/token/create/web", b'{"auth": null}', lambda v, b: v.mint_child(b, "web", 60, {}, "x")),
+        ("/v1/auth/token/lookup-self", b'{"data": []}', lambda v, b: v.lookup_self(b)),
+        ("/v1/sys/leases/renew", b'{"lease_duration": "soon"}', lambda v, b: v.renew_lease(b, "db/creds/x/1")),
+    ],
+)
+def test_an_answer_without_the_fields_it_should_hold_is_a_vault_error_naming_the_request(
+    bao, proxy, vault, path, body, call
+):
+    proxy.answer(path, body, times=1)
+    with pytest.raises(VaultError, match="answered .* without what such an answer holds|holds no usable token"):
+        call(vault, bao.server.root_token)

@@ -53,6 +53,7 @@ SCALAR_OPTIONS = (
     "notify",
 )
 DEFAULT_REFRESH = 300
+MIN_REFRESH = 5
 DEFAULT_ROTATE_GRACE = 60
 SIGNALS = ("SIGHUP", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGTERM", "SIGQUIT", "SIGWINCH")
 _PARAM_KEY = re.compile(r"[A-Za-z0-9_.-]{1,128}")
@@ -206,15 +207,7 @@ def parse_spec(options: Mapping[str, str] | None) -> Spec:
             MAX_SIZE,
             "a size such as 512k or 1m (at most 16m)",
         ),
-        refresh=_parse_bounded(
-            "refresh",
-            options.get("refresh"),
-            parse_duration,
-            DEFAULT_REFRESH,
-            0,
-            MAX_TTL,
-            "a duration such as 30s or 5m, or 0 to turn polling off",
-        ),
+        refresh=_parse_refresh(options.get("refresh")),
         rotate_grace=_parse_bounded(
             "rotate-grace",
             options.get("rotate-grace"),
@@ -371,6 +364,15 @@ def _parse_bounded(
     if value is None or not low <= value <= high:
         raise InvalidOptionError(f"option {name}={_show(raw)}: expected {accepted}")
     return value
+
+
+def _parse_refresh(raw: str | None) -> int:
+    """0 turns polling off; otherwise at least MIN_REFRESH: each check is a Vault request per mount."""
+    accepted = f"a duration such as 30s or 5m (at least {MIN_REFRESH}s), or 0 to turn polling off"
+    refresh = _parse_bounded("refresh", raw, parse_duration, DEFAULT_REFRESH, 0, MAX_TTL, accepted)
+    if 0 < refresh < MIN_REFRESH:
+        raise InvalidOptionError(f"option refresh={_show(raw or '')}: expected {accepted}")
+    return refresh
 
 
 def _parse_int(raw: str) -> int | None:

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import hvac
 import hvac.adapters
@@ -43,6 +43,8 @@ from plugin.core.records import Fetched, IssuedToken, WrapInfo
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+R = TypeVar("R")
+P = ParamSpec("P")
 
 FETCH_THREADS = 8
 MAX_ANSWER = 4 << 20  # bytes: a secret, a certificate chain or a lease list is far smaller; more is not Vault
@@ -52,6 +54,23 @@ RETRY_CAP = 2.0  # seconds between retries inside a budget, at most
 TRANSIENT_STATUSES = {412, 429}
 # Said with a 400 for a moment after a KV engine is enabled or upgraded (on a new leader, too).
 TRANSIENT_REASONS = ("Waiting for the primary to upgrade from non-versioned to versioned data",)
+
+
+def _answer_read(method: Callable[Concatenate[Vault, P], R]) -> Callable[Concatenate[Vault, P], R]:
+    """For a method that reads fields of Vault's answer: an answer without them (a proxy's JSON, another
+    server) is a `VaultError` naming the method's request, not a KeyError or TypeError deep in the plugin."""
+
+    def read(self: Vault, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(self, *args, **kwargs)
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise VaultError(
+                f"Vault at {self._addr} answered {method.__name__.replace('_', ' ')} without what such an answer "
+                f"holds ({type(e).__name__} {e}): check that VAULT_ADDR points at Vault, not a proxy or another server"
+            ) from e
+
+    functools.update_wrapper(read, method)
+    return read
 
 
 class Vault(VaultPort):
@@ -108,6 +127,7 @@ class Vault(VaultPort):
 
     # -- response wrapping ----------------------------------------------------------------------
 
+    @_answer_read
     def lookup_wrapping(self, wrapping_token: str) -> WrapInfo:
         """Inspect a wrapping token without consuming it.
 
@@ -147,6 +167,7 @@ class Vault(VaultPort):
 
     # -- tokens ---------------------------------------------------------------------------------
 
+    @_answer_read
     def approle_login(self, mount: str, role_id: str, secret_id: str) -> IssuedToken:
         response = self._json(
             "login",
@@ -155,6 +176,7 @@ class Vault(VaultPort):
         )
         return issued_from_auth(response["auth"])
 
+    @_answer_read
     def mint_child(
         self, parent: str, role: str | None, ttl: int, meta: Mapping[str, str], display_name: str
     ) -> IssuedToken:
@@ -171,6 +193,7 @@ class Vault(VaultPort):
         )
         return issued_from_auth(response["auth"])
 
+    @_answer_read
     def mint_wrapped_child(
         self, parent: str, role: str | None, ttl: int, meta: Mapping[str, str], display_name: str, wrap_ttl: int
     ) -> tuple[str, str]:
@@ -209,6 +232,7 @@ class Vault(VaultPort):
             if not isinstance(e.__cause__, hvac.exceptions.InvalidRequest):
                 raise
 
+    @_answer_read
     def capabilities(self, token: str, path: str) -> set[str]:
         """What `token` may do on `path` (sys/capabilities-self)."""
         response = self._json(
@@ -218,6 +242,7 @@ class Vault(VaultPort):
         )
         return set(response["data"].get(path) or response["data"].get("capabilities") or [])
 
+    @_answer_read
     def lookup_self(self, token: str) -> IssuedToken:
         """What Vault says of `token` now. Raises `TokenInvalidError` if it is not valid any more."""
         response = self._token_call(
@@ -226,6 +251,7 @@ class Vault(VaultPort):
         data = response["data"]
         return IssuedToken(token, data["accessor"], int(data["ttl"]), bool(data.get("renewable")))
 
+    @_answer_read
     def renew_self(self, token: str, increment: int | None = None) -> IssuedToken:
         """Renew `token` (by `increment` seconds if given; Vault may grant less). Raises `TokenInvalidError`
         if it is not valid any more."""
@@ -265,6 +291,7 @@ class Vault(VaultPort):
 
     # -- secrets --------------------------------------------------------------------------------
 
+    @_answer_read
     def fetch(self, token: str, path: str, params: tuple[tuple[str, str], ...] = ()) -> Fetched:
         """Read `path`, or write `params` to it (dynamic secrets such as pki/issue/...), with what Vault
         said of the answer: its lease, or for KV v2 its version."""
@@ -315,6 +342,7 @@ class Vault(VaultPort):
                 )
             return self._executor
 
+    @_answer_read
     def kv2_current_version(self, token: str, path: str) -> int:
         """The newest version of the KV v2 secret at data path `path`, from its metadata (no secret sent)."""
         mount, _, rest = path.partition("/data/")
@@ -327,6 +355,7 @@ class Vault(VaultPort):
 
     # -- leases ---------------------------------------------------------------------------------
 
+    @_answer_read
     def renew_lease(self, token: str, lease_id: str, increment: int | None = None) -> int:
         """Renew a lease; returns its new duration in seconds (shorter than asked near its max TTL)."""
         response = self._json(
@@ -346,6 +375,7 @@ class Vault(VaultPort):
             if not isinstance(e.__cause__, (hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden)):
                 raise
 
+    @_answer_read
     def lease_ttl(self, token: str, lease_id: str) -> int | None:
         """Seconds left on `lease_id`, or None if Vault no longer knows it (sys/leases/lookup, which the
         default policy allows)."""
@@ -517,9 +547,16 @@ class Vault(VaultPort):
         )
 
 
-def issued_from_auth(auth: Mapping[str, Any]) -> IssuedToken:
-    """An `IssuedToken` from the `auth` block of a Vault answer (login, token create, unwrapped token)."""
-    return IssuedToken(auth["client_token"], auth["accessor"], int(auth["lease_duration"]), bool(auth["renewable"]))
+def issued_from_auth(auth: object) -> IssuedToken:
+    """An `IssuedToken` from the `auth` block of a Vault answer (login, token create, unwrapped token).
+    Raises `VaultError` for a block without a token, accessor or duration."""
+    unusable = "Vault's answer holds no usable token (auth without client_token, accessor or lease_duration)"
+    if not isinstance(auth, Mapping) or not isinstance(auth.get("client_token"), str) or not auth["client_token"]:
+        raise VaultError(unusable)
+    try:
+        return IssuedToken(auth["client_token"], auth["accessor"], int(auth["lease_duration"]), bool(auth["renewable"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise VaultError(unusable) from e
 
 
 class _StatusAdapter(hvac.adapters.JSONAdapter):

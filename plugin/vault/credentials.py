@@ -52,9 +52,9 @@ def unwrap_volume_credential(
     )
     if unwrapped.is_secret_id:
         assert spec.role_id, "refuse_before_unwrap refused a SecretID without role-id"
-        issued = vault.approle_login(spec.approle_mount, spec.role_id, unwrapped.response["data"]["secret_id"])
+        issued = vault.approle_login(spec.approle_mount, spec.role_id, str(unwrapped.field("data", "secret_id")))
     elif unwrapped.response.get("auth"):
-        issued = issued_from_auth(unwrapped.response["auth"])
+        issued = issued_from_auth(unwrapped.field("auth"))
     else:
         raise InvalidOptionError(
             f"{source} wraps neither a token nor an AppRole SecretID (it was made at {unwrapped.creation_path})"

@@ -185,7 +185,7 @@ class Identity(TokenSource):
                 ) from e
             raise
         # The consumption mark stays: the same file offered again is recognised as ours, not as tamper.
-        secret_id: str = unwrapped.response["data"]["secret_id"]
+        secret_id = str(unwrapped.field("data", "secret_id"))
         self._store.save_pending_secret_id(secret_id, source)
         return secret_id
 

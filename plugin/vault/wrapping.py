@@ -36,6 +36,16 @@ class Unwrapped:
     creation_path: str
     response: Mapping[str, Any] = dataclasses.field(repr=False)
 
+    def field(self, *keys: str) -> Any:
+        """`response[k1][k2]...`; a wrapped answer without it is a `VaultError` (it is not what its creation
+        path makes), never a KeyError in the caller."""
+        value: Any = self.response
+        for key in keys:
+            if not isinstance(value, Mapping) or key not in value:
+                raise VaultError(f"the unwrapped answer (made at {self.creation_path}) has no {'.'.join(keys)}")
+            value = value[key]
+        return value
+
     @property
     def is_secret_id(self) -> bool:
         return self.creation_path.endswith("/secret-id")
