@@ -1,5 +1,6 @@
-"""Runaway templates against the real plugin and real OpenBao: 20 concurrent Mounts of a template that
-never ends leave the plugin answering other calls, and no token, tmpfs or record behind."""
+"""Runaway templates against the real plugin and real OpenBao: one whose cost shows without the secrets is
+refused at Create; 20 concurrent Mounts of one that runs away on the real data leave the plugin answering
+other calls, and no token, tmpfs or record behind."""
 
 from __future__ import annotations
 
@@ -14,6 +15,22 @@ from tests.support.faults import VaultView, state_query
 pytestmark = pytest.mark.openbao
 
 RUNAWAY = "{% for a in 'x' * 1000000 %}{% for b in 'x' * 1000000 %}{% endfor %}{% endfor %}"
+# Placeholder data has no items, so Create cannot tell; on the real secret the two loops never end.
+RUNAWAY_ON_THE_DATA = (
+    '{% for k, v in secret("secret/data/web/db").items() %}'
+    "{% for a in v * 100000 %}{% for b in v * 100000 %}{% endfor %}{% endfor %}{% endfor %}"
+)
+
+
+def test_a_template_that_runs_away_without_the_secrets_is_refused_at_create(start_plugin):
+    plugin = start_plugin()
+    started = time.monotonic()
+    status, reply = plugin.client.call(
+        "VolumeDriver.Create", {"Name": "never", "Opts": {"role": "web", "template.t": RUNAWAY}}
+    )
+    assert status == 500 and "option template.t: did not finish within 2s even with placeholder data" in reply["Err"]
+    assert time.monotonic() - started < 4
+    assert plugin.client.ok("VolumeDriver.List")["Volumes"] == []
 
 
 def _list_latencies(client, count: int) -> list[float]:
@@ -29,7 +46,7 @@ def _list_latencies(client, count: int) -> list[float]:
 def test_twenty_runaway_mounts_leave_the_plugin_responsive_and_nothing_behind(start_plugin, bao, short_tmp):
     plugin = start_plugin()
     client = plugin.client
-    client.ok("VolumeDriver.Create", {"Name": "runaway", "Opts": {"role": "web", "template.t": RUNAWAY}})
+    client.ok("VolumeDriver.Create", {"Name": "runaway", "Opts": {"role": "web", "template.t": RUNAWAY_ON_THE_DATA}})
     before = statistics.median(_list_latencies(client, 20))
     with ThreadPoolExecutor(max_workers=21) as pool:
         mounts = [

@@ -52,6 +52,7 @@ from plugin.core.render import render_files
 from plugin.core.revocation import Revoker
 from plugin.core.scheduler import Scheduler, renewal_delay, token_renewal
 from plugin.core.spec import TOKEN_FILE_WRAP_TTL, Source, Spec, parse_spec
+from plugin.core.template import check_bounds
 from plugin.core.upkeep import MountUpkeep, Notify
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,9 @@ class Driver:
         _check_volume_name(name)
         options = dict(options or {})
         spec = parse_spec(options)
+        for file in spec.files:
+            if file.template is not None:
+                check_bounds(file.name, file.template)
         if spec.notify and self._notify is None:
             raise InvalidOptionError(
                 f"option notify={spec.notify}: this plugin cannot signal containers (it runs without "

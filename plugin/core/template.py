@@ -111,3 +111,32 @@ def render_template(name: str, text: str, secrets: Mapping[str, Mapping[str, Any
             f"template {name}: {e}; a template gets {RENDER_SECONDS:g}s, {MEMORY >> 20} MiB and "
             f"{MAX_OUTPUT >> 20} MiB of output: simplify it"
         ) from None
+
+
+class _Placeholder(dict[str, Any]):
+    """What `secret()` gives a template checked at Create: any field reads as a short string."""
+
+    def __missing__(self, key: str) -> str:
+        return "placeholder"
+
+
+def check_bounds(name: str, text: str) -> None:
+    """At Create: render the template with placeholder data, bounded as at Mount. A template whose cost does
+    not depend on the secrets (a loop over a huge constant, a string grown without end) is refused now,
+    not at every Mount. Other rendering errors are left to the Mount, where the real data is known.
+
+    Raises `InvalidOptionError`."""
+
+    def render() -> str:
+        try:
+            return _ENV.from_string(text).render(secret=lambda source: _Placeholder())
+        except Exception:  # noqa: BLE001  (types differ from the real data's: only the bounds count here)
+            return ""
+
+    try:
+        run_bounded(render, seconds=RENDER_SECONDS, max_output=MAX_OUTPUT)
+    except BoundExceededError as e:
+        raise InvalidOptionError(
+            f"option template.{name}: {e} even with placeholder data; a template gets {RENDER_SECONDS:g}s, "
+            f"{MEMORY >> 20} MiB and {MAX_OUTPUT >> 20} MiB of output: simplify it"
+        ) from None
