@@ -266,3 +266,19 @@ def test_a_garbled_answer_fails_the_mount_with_an_err_and_no_traceback(plugin, p
         "VolumeDriver.Create", {"Name": "leaky", "Opts": {"role": "web", "secret.me": "auth/token/lookup-self#id"}}
     )
     assert status == 500 and "answers with a Vault token" in reply["Err"] and "token-file=" in reply["Err"]
+
+
+def test_a_trickling_vault_fails_the_mount_within_its_budget(plugin, proxy, bao):
+    process = plugin.start(extra=("--mount-timeout", "4"))
+    process.client.ok("VolumeDriver.Create", {"Name": "slow", "Opts": OPTIONS})
+    proxy.answer(
+        "/v1/secret/data/web/db",
+        b'{"data": {"data": {"password": "' + b"x" * 500 + b'"}}}',
+        trickle=0.3,
+        for_seconds=60,
+    )
+    (status, reply), seconds = timed(lambda: process.client.call("VolumeDriver.Mount", {"Name": "slow", "ID": "ad01"}))
+    assert status == 500 and "could not read secret/data/web/db within" in reply["Err"]
+    assert seconds < 6, f"the Mount took {seconds:.1f}s against a 4 s budget"
+    assert state_query(plugin.state_dir, "SELECT COUNT(*) FROM mounts") == [(0,)]
+    assert VaultView(bao.root).live_tokens(mount_id="ad01") == {}

@@ -7,14 +7,18 @@ Without a budget a request is tried once. An unwrap is not sent again once it ma
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 
+import hypothesis
 import pytest
+from hypothesis import strategies as st
 
 from plugin.core import retry
 from plugin.core.errors import (
     AnswerLostError,
+    PluginError,
     TokenInvalidError,
     VaultError,
     VaultTransientError,
@@ -202,3 +206,41 @@ def test_an_answer_without_the_fields_it_should_hold_is_a_vault_error_naming_the
     proxy.answer(path, body, times=1)
     with pytest.raises(VaultError, match="answered .* without what such an answer holds|holds no usable token"):
         call(vault, bao.server.root_token)
+
+
+@hypothesis.settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=False,
+    suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture],
+)
+@hypothesis.given(
+    body=st.one_of(
+        st.binary(max_size=200),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+            lambda inner: (
+                st.lists(inner, max_size=4)
+                | st.dictionaries(
+                    st.sampled_from(["data", "auth", "lease_duration", "metadata", "wrap_info", "x"]), inner, max_size=4
+                )
+            ),
+            max_leaves=12,
+        ).map(lambda value: json.dumps(value).encode()),
+    ),
+    status=st.sampled_from([200, 204, 400, 403, 404, 500]),
+)
+def test_whatever_vault_answers_is_a_plugin_error_or_a_value(bao, proxy, vault, body, status):
+    """Any body with any status, on a read and on a login: the adapter returns a value or raises from the
+    error family, never anything else (an internal error with a traceback)."""
+    for path, call in (
+        (READ, lambda: vault.fetch(bao.server.root_token, "secret/data/web/db")),
+        ("/v1/auth/approle/login", lambda: vault.approle_login("approle", "r", "s")),
+    ):
+        proxy.answer(path, body, status, times=1)
+        try:
+            call()
+        except PluginError:
+            pass
