@@ -9,12 +9,12 @@ import dataclasses
 import logging
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from plugin.core.driver import Driver
 from plugin.core.errors import PluginError
-from plugin.core.metrics import IDENTITY_SECONDS_LEFT, MOUNTS_ACTIVE, serve_metrics
+from plugin.core.metrics import BACKGROUND_ERRORS, IDENTITY_SECONDS_LEFT, MOUNTS_ACTIVE, serve_metrics
 from plugin.core.scheduler import Scheduler
 from plugin.edge.app import create_app, create_control_app
 from plugin.edge.docker_api import DockerAPI
@@ -95,22 +95,26 @@ def start_background(service: Service) -> None:
 def _maintain(service: Service) -> None:
     """Reconcile once at start, then periodically: retry owed revocations and, with a docker socket,
     release mounts whose containers are gone."""
-    try:
-        service.driver.reconcile()
-    except PluginError as e:
-        log.error("reconciliation of stale mounts failed: %s", e)
+    _survive("reconcile", service.driver.reconcile)
     while True:
         if service.docker is not None:
-            try:
-                service.driver.release_unused(service.docker.running_containers_using)
-            except PluginError as e:
-                log.warning("checking for mounts of stopped containers failed: %s", e)
+            docker = service.docker
+            _survive("release", lambda: service.driver.release_unused(docker.running_containers_using))
         if service.stop.wait(MAINTENANCE_SECONDS):
             return
-        try:
-            service.driver.retry_pending_revocations()
-        except PluginError as e:
-            log.warning("retrying owed revocations failed: %s", e)
+        _survive("revocations", service.driver.retry_pending_revocations)
+
+
+def _survive(loop: str, work: Callable[[], object]) -> None:
+    """One turn of a background loop: an error is logged and counted, and the loop goes on (an unexpected
+    one with its traceback: it is a bug)."""
+    try:
+        work()
+    except PluginError as e:
+        log.warning("background %s failed: %s", loop, e)
+    except Exception:  # noqa: BLE001  (the loop must outlive a bug in one turn)
+        BACKGROUND_ERRORS.labels(loop).inc()
+        log.exception("background %s failed unexpectedly", loop)
 
 
 def _halt(error: PluginError) -> None:

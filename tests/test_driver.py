@@ -324,3 +324,30 @@ def test_notify_is_refused_where_nothing_can_deliver_it(store, vault, identity, 
     with pytest.raises(InvalidOptionError, match="option notify=SIGHUP: .*--docker-socket"):
         driver.create("quiet", {**OPTIONS, "notify": "HUP"})
     driver.create("quiet", OPTIONS)
+
+
+def test_reconcile_settles_every_other_mount_when_one_cannot_be_settled(
+    driver, store, vault, mounter, scheduler, clock
+):
+    for mount_id in ("a1", "b2", "c3"):
+        driver.mount("web", mount_id)
+    # b2's tmpfs is gone (a host reboot), and tearing it down meets a bug: the others must still resume.
+    mounter.mounted.pop(("web", "b2"))
+    original = mounter.unmount
+
+    def broken(volume: str, mount_id: str) -> None:
+        if mount_id == "b2":
+            raise RuntimeError("a bug in one teardown")
+        original(volume, mount_id)
+
+    mounter.unmount = broken  # type: ignore[method-assign]
+    restarted = driver_over_fakes(
+        store, vault, identity=driver._identity, mounter=mounter, scheduler=Scheduler(clock=clock)
+    )
+    assert restarted.reconcile() == 1
+    assert ("mount", "web", "a1", "token") in restarted._scheduler and (
+        "mount",
+        "web",
+        "c3",
+        "token",
+    ) in restarted._scheduler

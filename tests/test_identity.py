@@ -83,3 +83,25 @@ def test_transient_renewal_errors_keep_the_token_and_an_invalid_one_is_dropped(v
     with pytest.raises(IdentityUnavailableError, match="no --wrapped-secret-id-file"):
         identity._renew_or_establish()
     assert store.identity() is None
+
+
+def test_an_unexpected_error_does_not_end_the_identity_loop(vault, store, sealed, monkeypatch):
+    identity, sleeps = make(vault, store), []
+    calls = []
+    real = vault.lookup_self
+
+    def flaky(token: str):
+        calls.append(token)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in one attempt")
+        return real(token)
+
+    monkeypatch.setattr(vault, "lookup_self", flaky)
+    stop, thread = run_in_background(identity, sleeps)
+    try:
+        with retry.budget(5):
+            assert identity.token() == "plugin-token", "the second attempt succeeded"
+        assert thread.is_alive()
+    finally:
+        stop.set()
+        thread.join(5)

@@ -207,3 +207,43 @@ def test_a_secret_larger_than_size_names_the_file_and_the_limit(start_plugin, ba
     assert not (short_tmp / "state" / "mounts" / "big").exists() or not any(
         (short_tmp / "state" / "mounts" / "big").iterdir()
     )
+
+
+def test_a_second_plugin_on_the_same_state_directory_is_refused_before_it_binds(start_plugin, bao, short_tmp):
+    first = start_plugin()
+    second = subprocess.run(
+        [
+            plugin_command(),
+            "serve",
+            "--socket",
+            str(short_tmp / "second.sock"),
+            "--state-dir",
+            str(short_tmp / "state"),
+            "--vault-addr",
+            bao.addr,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={k: v for k, v in os.environ.items() if not k.startswith("VAULT_")},
+    )
+    assert second.returncode != 0
+    assert f"another vault-secrets plugin (PID {first.pid}) is serving state directory" in second.stderr
+    assert not (short_tmp / "second.sock").exists()
+    assert first.client.ok("Plugin.Activate")["Implements"] == ["VolumeDriver"], "the first one serves on"
+
+
+def test_a_rewrite_that_finds_the_tmpfs_full_keeps_the_old_file_and_leaves_no_temp_file(start_plugin, bao):
+    bao.root.secrets.kv.v2.create_or_update_secret(path="web/growing", secret={"blob": "small"})
+    plugin = start_plugin()
+    options = {"role": "web", "secret.blob": "secret/data/web/growing#blob", "size": "64k", "refresh": "5s"}
+    plugin.client.ok("VolumeDriver.Create", {"Name": "grow", "Opts": options})
+    view = Path(plugin.client.ok("VolumeDriver.Mount", {"Name": "grow", "ID": MOUNT_ID})["Mountpoint"])
+    bao.root.secrets.kv.v2.create_or_update_secret(path="web/growing", secret={"blob": "x" * 100_000})
+    deadline = time.monotonic() + 15
+    while "does not fit" not in plugin.log():
+        assert time.monotonic() < deadline, "the refresh did not meet the full tmpfs"
+        time.sleep(0.2)
+    assert sorted(p.name for p in view.iterdir()) == ["blob"], "no part-written temp file in the container's view"
+    assert (view / "blob").read_text() == "small"
+    plugin.client.ok("VolumeDriver.Unmount", {"Name": "grow", "ID": MOUNT_ID})

@@ -339,3 +339,30 @@ def test_garbage_file_is_refused_with_state_error(db_path, sealer, content):
 
     with pytest.raises(StateError, match="damaged"):
         Store(db_path, sealer)
+
+
+def test_the_writes_a_power_cut_must_not_lose_are_fsynced_and_the_others_are_not(store):
+    """A spent wrapping token's credential, the mark of our own use of a wrapping token and an owed
+    revocation are committed with synchronous=FULL; a mount's refcount is not (its tmpfs dies with power)."""
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+
+    def synchronous_at_commit(write) -> str:
+        statements.clear()
+        write()
+        commit = statements.index("COMMIT")
+        pragmas = [s for s in statements[:commit] if s.startswith("PRAGMA synchronous")]
+        return pragmas[-1] if pragmas else "NORMAL (unchanged)"
+
+    credential = VolumeCredential("tok", "acc", can_mint=True)
+    assert (
+        synchronous_at_commit(lambda: store.add_volume("v", {"role": "web"}, credential)) == "PRAGMA synchronous=FULL"
+    )
+    assert synchronous_at_commit(lambda: store.mark_wrapping_token_consumed("d" * 64)) == "PRAGMA synchronous=FULL"
+    assert synchronous_at_commit(lambda: store.add_pending_revocation("acc", "tok")) == "PRAGMA synchronous=FULL"
+    store.add_mount(MountRecord("v", "m1", 0, "/x", "t", "a", 0.0))
+    assert synchronous_at_commit(lambda: store.set_refcount("v", "m1", 1)) == "NORMAL (unchanged)"
+    statements.clear()
+    store.set_refcount("v", "m1", 2)
+    assert "PRAGMA synchronous=FULL" not in statements
+    assert store._db.execute("PRAGMA synchronous").fetchone() == (1,), "back to NORMAL after a durable commit"

@@ -33,7 +33,7 @@ from plugin.core.errors import (
     VolumeInUseError,
     VolumeNotFoundError,
 )
-from plugin.core.metrics import MOUNT_FAILURES, MOUNT_SECONDS
+from plugin.core.metrics import BACKGROUND_ERRORS, MOUNT_FAILURES, MOUNT_SECONDS
 from plugin.core.ports import (
     Mounter,
     StorePort,
@@ -380,24 +380,33 @@ class Driver:
 
     # -- recovery -------------------------------------------------------------------------------
 
-    def reconcile(self) -> None:
+    def reconcile(self) -> int:
         """At start: undo mounts a crash left half-made and mounts whose tmpfs is gone (host reboot);
-        resume renewing the tokens of the others (at once: how long they have left is not recorded)."""
+        resume renewing the tokens of the others (at once: how long they have left is not recorded).
+
+        One mount that cannot be settled (its teardown fails, its options no longer parse) is logged with its
+        name and counted, and the others are settled all the same. Returns how many could not be."""
         for name, credential in self._store.volume_credentials().items():
             if not credential.revoked:
                 self._scheduler.schedule(("volume", name), token_renewal(self._vault, credential.token), 0)
+        failed = 0
         for record in self._store.mounts():
-            with self._hold((record.volume, record.mount_id)):
-                volume = self._store.volume(record.volume)
-                if (
-                    record.refcount == 0
-                    or volume is None
-                    or not self._mounter.is_mounted(record.volume, record.mount_id)
-                ):
-                    log.info("cleaning up stale mount %s of volume %s", record.mount_id, record.volume)
-                    self._teardown(record)
-                elif not record.revoked:
-                    self._start_upkeep(record, parse_spec(volume.options))
+            try:
+                self._reconcile(record)
+            except Exception:  # noqa: BLE001  (one bad record must not leave every later mount unrenewed)
+                failed += 1
+                BACKGROUND_ERRORS.labels("reconcile").inc()
+                log.exception("could not reconcile mount %s of volume %s", record.mount_id, record.volume)
+        return failed
+
+    def _reconcile(self, record: MountRecord) -> None:
+        with self._hold((record.volume, record.mount_id)):
+            volume = self._store.volume(record.volume)
+            if record.refcount == 0 or volume is None or not self._mounter.is_mounted(record.volume, record.mount_id):
+                log.info("cleaning up stale mount %s of volume %s", record.mount_id, record.volume)
+                self._teardown(record)
+            elif not record.revoked:
+                self._start_upkeep(record, parse_spec(volume.options))
 
     def release_unused(
         self, running_containers_using: Callable[[str], builtins.list[str]], min_age: float = 60.0

@@ -28,6 +28,11 @@ VAULT_RETRIES = Counter(
     "Vault requests sent again after a transient error, within the caller's budget.",
     ["operation"],
 )
+BACKGROUND_ERRORS = Counter(
+    "vault_secrets_background_errors_total",
+    "Unexpected errors in a background loop or in settling one record; the loop goes on.",
+    ["loop"],
+)
 RENEWALS = Counter("vault_secrets_renewals_total", "Successful renewals.", ["kind"])
 RENEWAL_FAILURES = Counter(
     "vault_secrets_renewal_failures_total", "Failed renewal attempts (retried while alive).", ["kind"]

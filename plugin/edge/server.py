@@ -8,6 +8,7 @@ threads: the refcount locks and background threads live in that worker.
 
 from __future__ import annotations
 
+import fcntl
 import logging.config
 import os
 import stat
@@ -32,6 +33,29 @@ def prepare_state_dir(settings: Settings) -> None:
     mode = stat.S_IMODE(settings.state_dir.stat().st_mode)
     if mode & 0o077:
         raise StateError(f"state directory {settings.state_dir} is accessible to others (mode {mode:o}): chmod 0700 it")
+
+
+def lock_state_dir(settings: Settings) -> int:
+    """Take the state directory for this process (an exclusive `flock` on its `lock` file, which names the
+    holder's PID), before any socket is bound: two plugins on one state would share one database and
+    steal each other's socket. Returns the descriptor, which must stay open (the worker inherits it).
+
+    Raises `StateError` naming the PID that holds it."""
+    path = settings.state_dir / "lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StateError(
+            f"another vault-secrets plugin (PID {holder}) is serving state directory {settings.state_dir}: stop it "
+            "first, or give this one its own --state-dir (and --socket)"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    os.set_inheritable(fd, True)  # the worker holds it too: the state stays taken while either runs
+    return fd
 
 
 def check_seal_key(settings: Settings) -> None:
@@ -138,6 +162,7 @@ def serve(
     logging.config.dictConfig(logging_config(log_level, log_format))
     os.umask(0o077)  # the database, its journal and anything else the plugin creates: root only
     prepare_state_dir(settings)
+    lock_state_dir(settings)  # held (never closed) until the process ends
     check_seal_key(settings)
     check_state(settings)
     PluginServer(settings, build, log_level=log_level, log_format=log_format).run()

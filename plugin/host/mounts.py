@@ -8,6 +8,7 @@ temp file, owner and mode, then rename, so a reader never sees a partial file.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -162,6 +163,9 @@ def write_atomically(directory: Path, name: str, content: bytes, *, uid: int, gi
             os.close(fd)
         os.rename(temp, directory / name)
     except OSError as e:
+        # A part-written temp file would be visible (and readable) in the container's view: never leave one.
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
         if e.filename is None:
             raise OSError(e.errno, e.strerror, name) from e
         raise

@@ -94,7 +94,14 @@ MIGRATIONS: tuple[str, ...] = (_SCHEMA, _PENDING_SECRET_ID)
 
 
 class Store(StorePort, IdentityStore):
-    """Transactional access to the state database. Raises `StateError` when the database is unusable."""
+    """Transactional access to the state database. Raises `StateError` when the database is unusable.
+
+    Most commits survive a crash of the process but not a power cut (WAL, synchronous=NORMAL): the mounts
+    a power cut loses are gone with their tmpfs too, and their tokens die by TTL. These are fsynced,
+    because losing them breaks a promise: a volume's unwrapped credential (its wrapping token is spent),
+    the SecretID awaiting its login and the identity it gives, the mark that a wrapping token was used by
+    this plugin (without it, the next start would take its own use for interception), an owed revocation,
+    and a credential revoked by break-glass."""
 
     def __init__(self, path: Path, sealer: Sealer):
         self._sealer = sealer
@@ -108,7 +115,8 @@ class Store(StorePort, IdentityStore):
                 raise sqlite3.DatabaseError("; ".join(problems)[:300])
             self._db.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode survives a process crash; after a power loss the tmpfs mounts are gone
-            # too and the tokens die by TTL, so paying an fsync per commit would buy nothing.
+            # too and the tokens die by TTL, so an fsync per commit would buy nothing for them. The few
+            # writes that must survive a power cut are fsynced one by one (`_transaction(durable=True)`).
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._migrate(path)
         except StateError:
@@ -151,7 +159,7 @@ class Store(StorePort, IdentityStore):
     # -- volumes --------------------------------------------------------------------------------
 
     def add_volume(self, name: str, options: dict[str, str], credential: VolumeCredential | None = None) -> None:
-        with self._transaction():
+        with self._transaction(durable=True):
             self._db.execute(
                 "INSERT INTO volumes (name, options, created_at) VALUES (?, ?, ?)",
                 (name, json.dumps(options, sort_keys=True), time.time()),
@@ -188,7 +196,7 @@ class Store(StorePort, IdentityStore):
         }
 
     def mark_credential_revoked(self, name: str) -> None:
-        with self._transaction():
+        with self._transaction(durable=True):
             self._db.execute("UPDATE volume_credentials SET revoked = 1 WHERE volume = ?", (name,))
 
     def volume(self, name: str) -> VolumeRecord | None:
@@ -305,7 +313,7 @@ class Store(StorePort, IdentityStore):
 
     def save_identity(self, record: IdentityRecord) -> None:
         sealed = self._sealer.seal(record.token, "identity")
-        with self._transaction():
+        with self._transaction(durable=True):
             self._db.execute(
                 "INSERT OR REPLACE INTO identity (id, token, accessor, obtained_at) VALUES (1, ?, ?, ?)",
                 (sealed, record.accessor, record.obtained_at),
@@ -325,7 +333,7 @@ class Store(StorePort, IdentityStore):
     def save_pending_secret_id(self, secret_id: str, source: str) -> None:
         """Keep (sealed) a SecretID unwrapped from `source` until a login with it succeeds."""
         sealed = self._sealer.seal(secret_id, "pending-secret-id")
-        with self._transaction():
+        with self._transaction(durable=True):
             self._db.execute(
                 "INSERT OR REPLACE INTO pending_secret_id (id, secret_id, source, since) VALUES (1, ?, ?, ?)",
                 (sealed, source, time.time()),
@@ -344,7 +352,7 @@ class Store(StorePort, IdentityStore):
     def save_identity_from_secret_id(self, record: IdentityRecord) -> None:
         """The login with the pending SecretID succeeded: keep its token and drop the SecretID, in one step."""
         sealed = self._sealer.seal(record.token, "identity")
-        with self._transaction():
+        with self._transaction(durable=True):
             self._db.execute(
                 "INSERT OR REPLACE INTO identity (id, token, accessor, obtained_at) VALUES (1, ?, ?, ?)",
                 (sealed, record.accessor, record.obtained_at),
@@ -353,7 +361,7 @@ class Store(StorePort, IdentityStore):
 
     def mark_wrapping_token_consumed(self, digest: str) -> None:
         """Remember (by SHA-256 digest) a wrapping token this plugin used, so its reuse is recognised."""
-        with self._transaction():
+        with self._transaction(durable=True):
             self._db.execute(
                 "INSERT OR IGNORE INTO consumed_wrapping_tokens (digest, consumed_at) VALUES (?, ?)",
                 (digest, time.time()),
@@ -376,7 +384,7 @@ class Store(StorePort, IdentityStore):
         """Owe Vault the revocation of the token behind `accessor`: with `token` itself (revoke-self), or
         with `token`'s right to revoke by accessor when `by_accessor` (a token the plugin never held)."""
         sealed = self._sealer.seal(token, f"revoke:{accessor}")
-        with self._transaction():
+        with self._transaction(durable=True):
             self._db.execute(
                 "INSERT OR REPLACE INTO pending_revocations (accessor, token, by_accessor, since) VALUES (?, ?, ?, ?)",
                 (accessor, sealed, by_accessor, time.time()),
@@ -395,15 +403,23 @@ class Store(StorePort, IdentityStore):
             self._db.execute("DELETE FROM pending_revocations WHERE accessor = ?", (accessor,))
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
+    def _transaction(self, *, durable: bool = False) -> Iterator[None]:
+        """One transaction. `durable`: its commit is fsynced (synchronous=FULL), for the writes whose loss
+        in a power cut would break a promise; see the class docstring."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if durable:
+                self._db.execute("PRAGMA synchronous=FULL")
             try:
-                yield
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if durable:
+                    self._db.execute("PRAGMA synchronous=NORMAL")
 
 
 def _volume(row: tuple[Any, ...]) -> VolumeRecord:

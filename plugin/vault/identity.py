@@ -29,6 +29,7 @@ from plugin.core.errors import (
     VaultTransientError,
     WrappingTokenError,
 )
+from plugin.core.metrics import BACKGROUND_ERRORS
 from plugin.core.ports import IdentityStore, TokenSource
 from plugin.core.records import IdentityRecord, IssuedToken
 from plugin.core.scheduler import renewal_delay
@@ -232,8 +233,11 @@ class Identity(TokenSource):
             except WrappingTokenError as e:
                 on_fatal(e)
                 return
-            except PluginError as e:
-                transient = isinstance(e, VaultTransientError)
+            except Exception as e:  # noqa: BLE001  (a bug in one attempt must not end the identity's upkeep)
+                if not isinstance(e, PluginError):
+                    BACKGROUND_ERRORS.labels("identity").inc()
+                    log.exception("unexpected error keeping the plugin identity; retrying")
+                transient = isinstance(e, VaultTransientError) or not isinstance(e, PluginError)
                 with self._changed:
                     if self._current is None:
                         self._problem, self._may_recover = str(e), transient
