@@ -62,7 +62,9 @@ def main() -> None:
     "--mount-root",
     type=click.Path(path_type=Path),
     envvar="VAULT_SECRETS_MOUNT_ROOT",
-    help="Where per-mount tmpfs are made.  [default: <state-dir>/mounts]",
+    default="/run/vault-secrets",
+    show_default=True,
+    help="Where per-mount tmpfs are made: outside --state-dir, so that a backup of the state copies no secret.",
 )
 @click.option(
     "--vault-addr", envvar="VAULT_ADDR", required=True, help="Vault or OpenBao address, e.g. https://vault:8200."
@@ -166,7 +168,7 @@ def main() -> None:
 def serve(
     socket_path: Path,
     state_dir: Path,
-    mount_root: Path | None,
+    mount_root: Path,
     vault_addr: str,
     vault_cacert: str | None,
     vault_client_cert: str | None,
@@ -187,6 +189,11 @@ def serve(
 ) -> None:
     """Serve the volume plugin protocol on a Unix socket."""
     _check_tls(vault_addr, vault_cacert, vault_client_cert, vault_client_key)
+    if mount_root.resolve().is_relative_to(state_dir.resolve()):
+        raise click.UsageError(
+            f"--mount-root {mount_root} is inside --state-dir {state_dir}: a backup of the state directory would "
+            "copy every mounted secret; put the mounts elsewhere, e.g. --mount-root /run/vault-secrets (a tmpfs)"
+        )
     if role_id_file is not None:
         if role_id:
             raise click.UsageError("give --role-id or --role-id-file, not both")
@@ -204,7 +211,7 @@ def serve(
     settings = Settings(
         socket=socket_path,
         state_dir=state_dir,
-        mount_root=mount_root or state_dir / "mounts",
+        mount_root=mount_root,
         vault_addr=vault_addr,
         vault_cacert=vault_cacert,
         vault_client_cert=vault_client_cert,

@@ -316,7 +316,6 @@ def plugin(bao, docker, short_tmp, unique_name):
         extra=["--docker-socket", docker.host.removeprefix("unix://")],
     )
     process.name = unique_name
-    process.mount_root = short_tmp / "state" / "mounts"
     try:
         yield process.wait_until_serving().wait_until_authenticated()
     finally:

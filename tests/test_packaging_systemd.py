@@ -116,14 +116,15 @@ def test_unit_is_hardened_but_keeps_the_host_mount_namespace():
 
 @pytest.fixture
 def host_layout(short_tmp, bao):
-    """The unit's /etc/vault-secrets and /var/lib/vault-secrets, as an operator prepares them, in a temp dir."""
-    etc, state = short_tmp / "etc", short_tmp / "state"
+    """The unit's /etc/vault-secrets, /var/lib/vault-secrets and /run/vault-secrets (the mounts), as an operator
+    and systemd prepare them, in a temp dir."""
+    etc, state, run = short_tmp / "etc", short_tmp / "state", short_tmp / "run"
     etc.mkdir(mode=0o700)
     state.mkdir(mode=int(SERVICE["StateDirectoryMode"][-1], 8))  # what StateDirectory= makes
     (etc / "role-id").write_text(bao.seed.role_id + "\n")
     bao.write_wrapped_secret_id(etc / "wrapped-secret-id")
     (etc / "plugin.env").write_text(f"VAULT_ADDR={bao.addr}\n")
-    return {"/etc/vault-secrets": etc, "/var/lib/vault-secrets": state}
+    return {"/etc/vault-secrets": etc, "/var/lib/vault-secrets": state, "/run/vault-secrets": run}
 
 
 def bounding_set() -> list[str]:
@@ -201,7 +202,8 @@ def test_exec_start_serves_dockerd_with_the_units_hardening(docker, bao, host_la
         assert read_secret_as_1000(docker, volume) == ["1000", SECRET, "1000", "400"]
         docker.docker("volume", "rm", volume)
         assert bao.accessors_with_meta(volume=volume) == []
-        assert mounts_below(host_layout["/var/lib/vault-secrets"]) == []
+        assert mounts_below(host_layout["/run/vault-secrets"]) == []
+        assert not any(host_layout["/var/lib/vault-secrets"].rglob("view")), "no mount in the state directory"
     finally:
         docker.docker("volume", "rm", "-f", volume, check=False)
         service.send_signal(signal.SIGTERM)  # what systemd sends the main process (KillMode=mixed)

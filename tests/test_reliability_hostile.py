@@ -376,7 +376,7 @@ def test_the_real_plugin_answers_hostile_input_with_err_stays_up_and_writes_only
 ):
     plugin = start_plugin()
     web = {"Name": "web", "Opts": {"role": "web", "secret.pw": "secret/data/web/db#password"}}
-    state, mount_root = short_tmp / "state", short_tmp / "state" / "mounts"
+    state, mount_root = short_tmp / "state", plugin.mount_root
     answers = {"err": 0, "ok": 0, "closed": 0, "mounted": 0}
     refused_mounts: list[str] = []
 
@@ -420,14 +420,14 @@ def test_the_real_plugin_answers_hostile_input_with_err_stays_up_and_writes_only
     assert all(Path(m).is_relative_to(mount_root) for m in mounted), sorted(mounted)
     rows = state_rows(state)
     assert {str(mount_root / v / m / suffix) for v, m, _ in rows for suffix in ("data", "view")} == set(mounted)
-    assert {p.name for p in short_tmp.iterdir()} <= {"p.sock", "state", "wrapped", "plugin0.log"}
+    assert {p.name for p in short_tmp.iterdir()} <= {"p.sock", "state", "state-mounts", "wrapped", "plugin0.log"}
     assert {p.name for p in state.iterdir()} <= {
         "state.db",
         "state.db-wal",
         "state.db-shm",
         "seal.key",
         "control.sock",
-        "mounts",
+        "lock",
     }
     for volume, mount_id, refcount in rows:  # dockerd would unmount each as often as it mounted
         for _ in range(refcount):

@@ -202,7 +202,7 @@ def test_500_concurrent_mount_and_unmount_calls_end_without_error_deadlock_or_le
     failed = [(verb, status, reply) for verb, status, reply, _ in calls if status != 200 or reply.get("Err")]
     assert failed == []
     assert mounts_below(short_tmp) == {}
-    assert list((short_tmp / "state" / "mounts").iterdir()) == []
+    assert list((short_tmp / "state-mounts").iterdir()) == []
     assert state_query(short_tmp / "state", "SELECT COUNT(*) FROM mounts") == [(0,)]
     assert VaultView(bao.root).tokens_of_volumes(set(volumes)) == {}
     assert "Traceback" not in plugin.log() and "unexpected error" not in plugin.log()

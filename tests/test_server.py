@@ -80,8 +80,8 @@ def test_mount_fails_closed_on_a_denied_secret(start_plugin, bao, short_tmp):
     plugin.client.ok("VolumeDriver.Create", {"Name": "denied", "Opts": opts})
     status, reply = plugin.client.call("VolumeDriver.Mount", {"Name": "denied", "ID": MOUNT_ID})
     assert status == 500 and "denied permission to read secret/data/other/x" in reply["Err"]
-    assert not (short_tmp / "state" / "mounts" / "denied").exists()
-    assert mountinfo(str(short_tmp / "state" / "mounts" / "denied" / MOUNT_ID / "view")) is None
+    assert not (short_tmp / "state-mounts" / "denied").exists()
+    assert mountinfo(str(short_tmp / "state-mounts" / "denied" / MOUNT_ID / "view")) is None
     assert bao.accessors_with_meta(volume="denied") == []
 
 
@@ -115,7 +115,7 @@ def test_serves_state_while_vault_is_unreachable(start_plugin, short_tmp):
     status, reply = plugin.client.call("VolumeDriver.Mount", {"Name": "web", "ID": MOUNT_ID})
     assert status == 500 and "no Vault identity" in reply["Err"] and "is unreachable" in reply["Err"]
     assert 1.5 < time.monotonic() - started < 5, "the Mount waited its budget for an identity that may still come"
-    assert not (short_tmp / "state" / "mounts" / "web").exists()
+    assert not (short_tmp / "state-mounts" / "web").exists()
 
 
 def test_tampered_wrapping_token_stops_the_plugin_with_a_security_event(start_plugin, bao, short_tmp):
@@ -149,7 +149,8 @@ def test_no_token_or_secret_leaks_into_logs_state_or_process(start_plugin, bao, 
         for needle in needles:
             assert needle not in content, f"a token or secret value leaked into {where}"
     plugin.client.ok("VolumeDriver.Unmount", {"Name": "web", "ID": MOUNT_ID})
-    assert os.listdir(state / "mounts") == []
+    assert os.listdir(plugin.mount_root) == []
+    assert not (state / "mounts").exists(), "no mount in the state directory"
 
 
 def test_short_ttl_child_token_is_renewed_while_mounted(start_plugin, bao):
@@ -204,9 +205,7 @@ def test_a_secret_larger_than_size_names_the_file_and_the_limit(start_plugin, ba
     assert status == 500
     assert "file blob (100000 bytes) does not fit" in reply["Err"] and "more than size=64k" in reply["Err"]
     assert "raise size=" in reply["Err"] and "None" not in reply["Err"]
-    assert not (short_tmp / "state" / "mounts" / "big").exists() or not any(
-        (short_tmp / "state" / "mounts" / "big").iterdir()
-    )
+    assert not (short_tmp / "state-mounts" / "big").exists() or not any((short_tmp / "state-mounts" / "big").iterdir())
 
 
 def test_a_second_plugin_on_the_same_state_directory_is_refused_before_it_binds(start_plugin, bao, short_tmp):
@@ -247,3 +246,25 @@ def test_a_rewrite_that_finds_the_tmpfs_full_keeps_the_old_file_and_leaves_no_te
     assert sorted(p.name for p in view.iterdir()) == ["blob"], "no part-written temp file in the container's view"
     assert (view / "blob").read_text() == "small"
     plugin.client.ok("VolumeDriver.Unmount", {"Name": "grow", "ID": MOUNT_ID})
+
+
+def test_mounts_inside_the_state_directory_are_refused(short_tmp):
+    result = subprocess.run(
+        [
+            plugin_command(),
+            "serve",
+            "--socket",
+            str(short_tmp / "x.sock"),
+            "--state-dir",
+            str(short_tmp / "state"),
+            "--mount-root",
+            str(short_tmp / "state" / "mounts"),
+            "--vault-addr",
+            "http://127.0.0.1:9",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0 and "is inside --state-dir" in result.stderr and "/run/vault-secrets" in result.stderr
+    assert not (short_tmp / "x.sock").exists()

@@ -58,7 +58,7 @@ class PluginLauncher:
 
     @property
     def mount_root(self) -> Path:
-        return self.state_dir / "mounts"
+        return self.state_dir.with_name(f"{self.state_dir.name}-mounts")  # as PluginProcess makes it
 
     @property
     def current(self) -> PluginProcess:

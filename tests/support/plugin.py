@@ -64,6 +64,8 @@ class PluginProcess:
     ):
         self.socket_path, self.state_dir = socket_path, state_dir
         self.log_path = log_path or state_dir.parent / f"{socket_path.stem}.log"
+        # Beside the state, never inside it (serve refuses that): the state directory holds no secret.
+        self.mount_root = state_dir.with_name(f"{state_dir.name}-mounts")
         args = [
             plugin_command(),
             "serve",
@@ -75,6 +77,7 @@ class PluginProcess:
             vault_addr,
             "--log-level",
             "debug",
+            *([] if "--mount-root" in (extra or []) else ["--mount-root", str(self.mount_root)]),
             *(extra or []),
         ]
         if role_id:
