@@ -279,6 +279,6 @@ def test_a_trickling_vault_fails_the_mount_within_its_budget(plugin, proxy, bao)
     )
     (status, reply), seconds = timed(lambda: process.client.call("VolumeDriver.Mount", {"Name": "slow", "ID": "ad01"}))
     assert status == 500 and "could not read secret/data/web/db within" in reply["Err"]
-    assert seconds < 6, f"the Mount took {seconds:.1f}s against a 4 s budget"
+    assert seconds < 7, f"the Mount took {seconds:.1f}s against a 4 s budget"
     assert state_query(plugin.state_dir, "SELECT COUNT(*) FROM mounts") == [(0,)]
     assert VaultView(bao.root).live_tokens(mount_id="ad01") == {}

@@ -10,6 +10,7 @@ only when their bytes change, and then the containers using the volume are signa
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping
 
 from plugin.core.errors import PluginError, VaultError
@@ -62,6 +63,8 @@ class MountUpkeep:
         self._key = ("mount", record.volume, record.mount_id)
         # What `start` scheduled, so `stop` cancels it without scanning every task.
         self._keys: list[tuple[str, ...]] = []
+        self._writing = threading.Lock()  # held while files are rewritten, and by stop()
+        self._stopped = False
 
     def start(self, resumed: bool = False) -> None:
         """Schedule the mount's renewals; `resumed` (after a restart) renews at once, as lifetimes are unknown."""
@@ -88,8 +91,12 @@ class MountUpkeep:
         self._scheduler.schedule(key, task, delay, lifetime)
 
     def stop(self) -> None:
-        for key in self._keys:
-            self._scheduler.cancel(key)
+        """No more work for this mount: cancels what is scheduled and waits for a rewrite in progress, so that
+        nothing is written once it returns (teardown unmounts the tmpfs next)."""
+        with self._writing:
+            self._stopped = True
+            for key in self._keys:
+                self._scheduler.cancel(key)
 
     # -- leases ---------------------------------------------------------------------------------
 
@@ -183,21 +190,25 @@ class MountUpkeep:
         affected = [f for f in self._spec.files if sources & set(f.sources)]
         needed = {s for f in affected for s in f.sources}
         fetched = fetch_all(self._vault, self._record.token, tuple(needed - (set(self._current) - sources)))
+        files = render_files(self._spec, {s: f.data for s, f in {**self._current, **fetched}.items()}, only=set(needed))
+        with self._writing:  # not while teardown runs: stop() waits for this, and nothing is written after it
+            if self._stopped:
+                return
+            written = self._mounter.rewrite(
+                self._record.volume,
+                self._record.mount_id,
+                files,
+                uid=self._spec.uid,
+                gid=self._spec.gid,
+                mode=self._spec.mode,
+            )
+        # Only now that the files hold the new secrets: a failure above left the old files and leases serving.
         self._current.update(fetched)
         old = self._store.leases(self._record.volume, self._record.mount_id)
         for source, new in fetched.items():
             if new.lease_id:
                 self._store.set_lease(self._record.volume, self._record.mount_id, str(source), new.lease_id)
                 self._retire(source, old.get(str(source)), new.lease_id)
-        files = render_files(self._spec, {s: f.data for s, f in self._current.items()}, only=set(needed))
-        written = self._mounter.rewrite(
-            self._record.volume,
-            self._record.mount_id,
-            files,
-            uid=self._spec.uid,
-            gid=self._spec.gid,
-            mode=self._spec.mode,
-        )
         if written:
             log.info("rewrote %s of volume %s", ", ".join(written), self._record.volume)
             if self._spec.notify and self._notify is not None:

@@ -13,7 +13,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from plugin.core.errors import MountError
@@ -86,8 +86,9 @@ class TmpfsMounter(Mounter):
             view.mkdir(mode=0o700)
             options = f"size={size},nr_inodes={len(files) * 2 + 16},mode={directory_mode(mode):o},uid={uid},gid={gid}"
             _mount("tmpfs", data, "tmpfs", _HARDENED, options)
-            for name, content in files.items():
-                write_atomically(data, name, content, uid=uid, gid=gid, mode=mode)
+            with _tmpfs_root(data) as root:
+                for name, content in files.items():
+                    write_atomically(root, name, content, uid=uid, gid=gid, mode=mode)
             _mount(str(data), view, None, MS_BIND)
             # A bind mount ignores flags on creation; they take effect only on a remount.
             _mount("none", view, None, MS_REMOUNT | MS_BIND | MS_RDONLY | _HARDENED)
@@ -103,14 +104,12 @@ class TmpfsMounter(Mounter):
         data = self._root / volume / mount_id / "data"
         written = []
         try:
-            for name, content in files.items():
-                try:
-                    if (data / name).read_bytes() == content:
+            with _tmpfs_root(data) as root:
+                for name, content in files.items():
+                    if _read(root, name) == content:
                         continue
-                except FileNotFoundError:
-                    pass
-                write_atomically(data, name, content, uid=uid, gid=gid, mode=mode)
-                written.append(name)
+                    write_atomically(root, name, content, uid=uid, gid=gid, mode=mode)
+                    written.append(name)
         except OSError as e:
             raise MountError(_failure(f"could not update the files of volume {volume}", e, files, None)) from e
         return written
@@ -119,8 +118,9 @@ class TmpfsMounter(Mounter):
         """Delete every file of a mount, leaving its (now empty) tmpfs mounted for the running container."""
         data = self._root / volume / mount_id / "data"
         try:
-            for path in data.iterdir():
-                path.unlink()
+            with _tmpfs_root(data) as root:
+                for name in os.listdir(root):
+                    os.unlink(name, dir_fd=root)
         except FileNotFoundError:
             pass
         except OSError as e:
@@ -147,12 +147,36 @@ class TmpfsMounter(Mounter):
                     raise
 
 
-def write_atomically(directory: Path, name: str, content: bytes, *, uid: int, gid: int, mode: int) -> None:
-    """Write `directory/name` via a temp file renamed over it: readers see the old or the new file, whole.
-    An `OSError` names the file (calls on a descriptor, such as a write that finds the tmpfs full, do not)."""
-    temp = directory / f".{name}.tmp"
+@contextlib.contextmanager
+def _tmpfs_root(data: Path) -> Iterator[int]:
+    """A descriptor of the tmpfs mounted at `data`, for writing relative to it: a write through it lands in
+    that tmpfs (in memory) even if it is unmounted meanwhile, never in the directory beneath, which is on
+    disk. Raises `OSError` (ENOENT) if no tmpfs is mounted at `data` any more (an Unmount came first)."""
+    fd = os.open(data, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        if os.fstat(fd).st_dev == os.stat(data.parent).st_dev:  # a plain directory: nothing is mounted here
+            raise OSError(errno.ENOENT, "the tmpfs is not mounted any more", str(data))
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _read(root: int, name: str) -> bytes | None:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as file:
+        return file.read()
+
+
+def write_atomically(root: int, name: str, content: bytes, *, uid: int, gid: int, mode: int) -> None:
+    """Write `name` in the directory `root` (a descriptor) via a temp file renamed over it: readers see the
+    old or the new file, whole. An `OSError` names the file (calls on a descriptor, such as a write that
+    finds the tmpfs full, do not)."""
+    temp = f".{name}.tmp"
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=root)
         try:
             os.fchown(fd, uid, gid)
             os.fchmod(fd, mode)
@@ -161,11 +185,11 @@ def write_atomically(directory: Path, name: str, content: bytes, *, uid: int, gi
                 view = view[os.write(fd, view) :]
         finally:
             os.close(fd)
-        os.rename(temp, directory / name)
+        os.rename(temp, name, src_dir_fd=root, dst_dir_fd=root)
     except OSError as e:
         # A part-written temp file would be visible (and readable) in the container's view: never leave one.
         with contextlib.suppress(OSError):
-            os.unlink(temp)
+            os.unlink(temp, dir_fd=root)
         if e.filename is None:
             raise OSError(e.errno, e.strerror, name) from e
         raise

@@ -1,0 +1,45 @@
+"""The tmpfs mounter on real tmpfs (root): a rewrite racing an Unmount never writes below the tmpfs, on
+the disk beneath, and never leaves a part-written file."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from plugin.core.errors import MountError
+from plugin.host.mounts import TmpfsMounter
+from tests.conftest import require_root
+
+
+def test_a_rewrite_racing_an_unmount_never_writes_below_the_tmpfs(short_tmp):
+    require_root()
+    root = short_tmp / "mounts"
+    mounter = TmpfsMounter(root)
+    refused = 0
+    for i in range(40):
+        mount_id = f"m{i:02d}"
+        mounter.mount("v", mount_id, {"a": b"one"}, uid=0, gid=0, mode=0o400, size=1 << 20)
+        stop = threading.Event()
+
+        def rewrite(mount_id: str = mount_id) -> None:
+            nonlocal refused
+            n = 0
+            while not stop.is_set():
+                n += 1
+                try:
+                    mounter.rewrite("v", mount_id, {"a": b"x" * (n % 4096)}, uid=0, gid=0, mode=0o400)
+                except MountError:
+                    refused += 1  # the tmpfs is gone: nothing was written
+
+        writer = threading.Thread(target=rewrite)
+        writer.start()
+        time.sleep(0.001 * (i % 7))
+        try:
+            mounter.unmount("v", mount_id)  # raises if anything was left below the tmpfs (ENOTEMPTY)
+        finally:
+            stop.set()
+            writer.join()
+        assert not (root / "v" / mount_id).exists(), f"{mount_id}: something was written below the tmpfs"
+    assert not (root / "v").exists() or os.listdir(root / "v") == []
+    assert refused > 0, "the race was met: rewrites came after the tmpfs was gone"
