@@ -18,6 +18,7 @@ from plugin.core.metrics import BACKGROUND_ERRORS, IDENTITY_SECONDS_LEFT, MOUNTS
 from plugin.core.scheduler import Scheduler
 from plugin.edge.app import create_app, create_control_app
 from plugin.edge.docker_api import DockerAPI
+from plugin.edge.server import at_worker_exit
 from plugin.host.mounts import TmpfsMounter
 from plugin.host.seal import Sealer
 from plugin.host.store import Store
@@ -46,6 +47,21 @@ class Service:
     vault: Vault
     stop: threading.Event
     docker: DockerAPI | None = None
+    threads: list[threading.Thread] = dataclasses.field(default_factory=list)
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop in order, in the worker as it exits (gunicorn stopped accepting and finished the requests in
+        flight): end the background loops, then close the database (its WAL checkpointed)."""
+        self.stop.set()
+        self.scheduler.wake()
+        for thread in self.threads:
+            thread.join(timeout)
+        alive = [t.name for t in self.threads if t.is_alive()]
+        if alive:  # a Vault request in flight: the database stays open for it, the process ends anyway
+            log.warning("stopping with %s still running", ", ".join(alive))
+            return
+        self.store.close()
+        log.info("stopped in order: background loops ended, state database closed")
 
 
 def build_service(settings: Settings) -> Service:
@@ -87,9 +103,13 @@ def build_service(settings: Settings) -> Service:
 
 def start_background(service: Service) -> None:
     """Start the identity, renewal and maintenance (reconcile, then retry owed revocations) threads."""
-    threading.Thread(target=service.identity.run, args=(service.stop, _halt), name="identity", daemon=True).start()
-    threading.Thread(target=service.scheduler.run, args=(service.stop,), name="scheduler", daemon=True).start()
-    threading.Thread(target=_maintain, args=(service,), name="maintenance", daemon=True).start()
+    service.threads = [
+        threading.Thread(target=service.identity.run, args=(service.stop, _halt), name="identity", daemon=True),
+        threading.Thread(target=service.scheduler.run, args=(service.stop,), name="scheduler", daemon=True),
+        threading.Thread(target=_maintain, args=(service,), name="maintenance", daemon=True),
+    ]
+    for thread in service.threads:
+        thread.start()
 
 
 def _maintain(service: Service) -> None:
@@ -145,6 +165,7 @@ def build_application(settings: Settings) -> SocketDispatcher:
         host, port = serve_metrics(settings.metrics_addr)
         log.info("serving metrics on http://%s:%s/metrics", host, port)
     start_background(service)
+    at_worker_exit(service.shutdown)
     operations = Operations(service.vault, service.store, service.identity, vault_addr=settings.vault_addr)
     control = create_control_app(service.identity, service.driver, operations)
     return SocketDispatcher(create_app(service.driver), {str(settings.control_socket_path): control})

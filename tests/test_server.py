@@ -268,3 +268,20 @@ def test_mounts_inside_the_state_directory_are_refused(short_tmp):
     )
     assert result.returncode != 0 and "is inside --state-dir" in result.stderr and "/run/vault-secrets" in result.stderr
     assert not (short_tmp / "x.sock").exists()
+
+
+def test_sigterm_stops_in_order_keeping_the_mounts(start_plugin, bao, short_tmp):
+    """SIGTERM (what systemd sends): the loops end, the database is closed and checkpointed, the socket goes,
+    and mounted containers keep their files, which a restarted plugin resumes."""
+    plugin = start_plugin()
+    plugin.client.ok("VolumeDriver.Create", {"Name": "web", "Opts": OPTIONS})
+    view = plugin.client.ok("VolumeDriver.Mount", {"Name": "web", "ID": MOUNT_ID})["Mountpoint"]
+    assert plugin.stop() == 0
+    log = plugin.log()
+    assert "stopped in order: background loops ended, state database closed" in log
+    assert not (short_tmp / "p.sock").exists()
+    assert not (short_tmp / "state" / "state.db-wal").exists(), "closed: the write-ahead log was checkpointed"
+    assert Path(view, "db_password").read_text() == SECRET, "the container's files stay"
+    again = start_plugin()  # resumes the mount; its Unmount revokes the token
+    again.client.ok("VolumeDriver.Unmount", {"Name": "web", "ID": MOUNT_ID})
+    assert mountinfo(view) is None

@@ -26,6 +26,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_AT_WORKER_EXIT: list[Callable[[], None]] = []
+
+
+def at_worker_exit(stop: Callable[[], None]) -> None:
+    """Have `stop()` run in the worker as it exits (after gunicorn stopped accepting and finished the
+    requests in flight, on SIGTERM): registered by the composition root, which built what must stop."""
+    _AT_WORKER_EXIT.append(stop)
+
+
+def _worker_exit(server: object, worker: object) -> None:
+    for stop in _AT_WORKER_EXIT:
+        try:
+            stop()
+        except Exception:  # noqa: BLE001  (the worker is exiting anyway: say so, and go on)
+            log.exception("stopping in order failed")
+
 
 def prepare_state_dir(settings: Settings) -> None:
     """Create the state directory 0700, or refuse one that others can read."""
@@ -130,6 +146,7 @@ class PluginServer(BaseApplication):
         self._settings.socket.parent.mkdir(parents=True, exist_ok=True)
         for key, value in {
             "bind": [f"unix:{self._settings.socket}", f"unix:{self._settings.control_socket_path}"],
+            "worker_exit": _worker_exit,
             "workers": 1,
             "worker_class": "gthread",
             "threads": self._threads,
