@@ -96,7 +96,9 @@ def render_template(name: str, text: str, secrets: Mapping[str, Mapping[str, Any
             raise SecretFormatError(f"template {name}: SecurityError: {e.message}") from None
         except TemplateError as e:
             raise SecretFormatError(f"template {name}: {type(e).__name__} while rendering") from None
-        except (TypeError, ValueError, ArithmeticError) as e:
+        except MemoryError:
+            raise  # the bound's to report (plugin.core.bounded)
+        except Exception as e:  # noqa: BLE001  (TypeError, RecursionError...: in the child, sent to the caller)
             # Their messages can quote operands, which may be secret values: only the kind is reported.
             raise SecretFormatError(
                 f"template {name}: {type(e).__name__} while rendering (check the expressions)"

@@ -1,45 +1,34 @@
-"""The Vault/OpenBao adapter of the plugin (with `operator`, for migrate, the only modules that import hvac).
+"""The Vault/OpenBao adapter of the plugin: the Vault API the core's `VaultPort` needs, over `transport`
+(HTTP, TLS, the one classification of failures and the retries).
 
-Every call passes its token explicitly: hvac would otherwise pick up `VAULT_TOKEN`, `~/.vault-token`
-or CA variables from the environment. TLS settings live on the shared `requests.Session`, because hvac
-takes `verify` and `cert` from a session it is given and ignores its own arguments then.
-
-hvac and requests errors are translated here, once, into the plugin's error family, and classified
-once: connection errors, timeouts, 5xx (but 501), 429 and 412 are `VaultTransientError`, retried while
-the caller's budget (`plugin.core.retry`) lasts; everything else is final and never retried. Callers never
-see an hvac exception. Messages name the operation and path, never a token or a secret value.
+Every call passes its token explicitly: hvac would otherwise pick up `VAULT_TOKEN`, `~/.vault-token` or
+CA variables from the environment. Each method reads Vault's answer into the core's records; an answer
+without the fields it should hold is a `VaultError` naming the request. Errors are classified and
+retried in `transport`, once; callers never see an hvac exception.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextvars
 import functools
 import logging
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-import hvac
-import hvac.adapters
 import hvac.exceptions
-import requests
-import requests.adapters
-import urllib3.exceptions
 
 from plugin.core import retry
 from plugin.core.errors import (
-    AnswerLostError,
     TLSError,
     TokenInvalidError,
     VaultError,
     VaultTransientError,
     WrappingTokenError,
 )
-from plugin.core.metrics import VAULT_ERRORS, VAULT_RETRIES, VAULT_SECONDS
 from plugin.core.ports import VaultPort
 from plugin.core.records import Fetched, IssuedToken, WrapInfo
+from plugin.vault.transport import Transport, reasons, says
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,13 +36,6 @@ R = TypeVar("R")
 P = ParamSpec("P")
 
 FETCH_THREADS = 8
-MAX_ANSWER = 4 << 20  # bytes: a secret, a certificate chain or a lease list is far smaller; more is not Vault
-MIN_ATTEMPT = 0.5  # seconds: a retry is not worth sending with less budget left than this
-RETRY_CAP = 2.0  # seconds between retries inside a budget, at most
-# Vault's own client (api.DefaultRetryPolicy) retries these and 5xx but 501 (not initialised).
-TRANSIENT_STATUSES = {412, 429}
-# Said with a 400 for a moment after a KV engine is enabled or upgraded (on a new leader, too).
-TRANSIENT_REASONS = ("Waiting for the primary to upgrade from non-versioned to versioned data",)
 
 
 def _answer_read(method: Callable[Concatenate[Vault, P], R]) -> Callable[Concatenate[Vault, P], R]:
@@ -65,8 +47,10 @@ def _answer_read(method: Callable[Concatenate[Vault, P], R]) -> Callable[Concate
             return method(self, *args, **kwargs)
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise VaultError(
-                f"Vault at {self._addr} answered {method.__name__.replace('_', ' ')} without what such an answer "
-                f"holds ({type(e).__name__} {e}): check that VAULT_ADDR points at Vault, not a proxy or another server"
+                f"Vault at {self._http.addr} answered {method.__name__.replace('_', ' ')} without what such an answer "
+                # Only the kind and, for a missing field, its name: a ValueError's text quotes the value it met.
+                f"holds ({type(e).__name__}{f' {e}' if isinstance(e, KeyError) else ''}): check that VAULT_ADDR "
+                "points at Vault, not a proxy or another server"
             ) from e
 
     functools.update_wrapper(read, method)
@@ -91,39 +75,11 @@ class Vault(VaultPort):
         namespace: str | None = None,
         timeout: float = 5.0,
     ):
-        self._addr = addr.rstrip("/")
-        self._cacert = cacert
-        self._client_cert = client_cert
-        self._namespace = namespace or None
-        self._timeout = timeout
-        self._session = requests.Session()
-        # Configuration is explicit: no proxy, CA bundle or .netrc credentials picked up from the environment.
-        self._session.trust_env = False
-        # Here, not as hvac.Client arguments: hvac replaces those with the session's values (DESIGN 8).
-        self._session.verify = cacert or True
-        if client_cert:
-            self._session.cert = (client_cert, client_key) if client_key else client_cert
-        self._session.hooks["response"].append(_read_bounded)
+        self._http = Transport(
+            addr, cacert=cacert, client_cert=client_cert, client_key=client_key, namespace=namespace, timeout=timeout
+        )
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
-        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=32)
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
-
-    def _client(self, token: str, timeout: float) -> hvac.Client:
-        # token="" rather than None: None makes hvac read VAULT_TOKEN / ~/.vault-token.
-        return hvac.Client(
-            url=self._addr,
-            token=token,
-            verify=self._session.verify,
-            # ignore: hvac's stubs say cert is a (cert, key) pair and timeout an int; hvac hands both to
-            # requests, which also takes one combined PEM file and float seconds (retry budgets cut them).
-            cert=self._session.cert,  # type: ignore[arg-type]
-            timeout=timeout,  # type: ignore[arg-type]
-            namespace=self._namespace,
-            session=self._session,
-            adapter=_StatusAdapter,
-        )
 
     # -- response wrapping ----------------------------------------------------------------------
 
@@ -134,10 +90,12 @@ class Vault(VaultPort):
         Raises `WrappingTokenError` if Vault says it is not valid (used or expired), `VaultTransientError`
         if Vault could not answer (that says nothing about the token)."""
         try:
-            response = self._json(
+            response = self._http.json(
                 "lookup_wrapping",
                 "look up the wrapping token",
-                lambda t: self._client("", t).adapter.post("/v1/sys/wrapping/lookup", json={"token": wrapping_token}),
+                lambda t: self._http.client("", t).adapter.post(
+                    "/v1/sys/wrapping/lookup", json={"token": wrapping_token}
+                ),
             )
         except (VaultTransientError, TLSError):
             raise
@@ -154,10 +112,10 @@ class Vault(VaultPort):
         was sent but no answer came back (the token may be spent), `VaultTransientError` otherwise."""
         try:
             # hvac sends the wrapping token as X-Vault-Token and nothing in the body.
-            return self._json(
+            return self._http.json(
                 "unwrap",
                 "unwrap the wrapping token",
-                lambda t: self._client(wrapping_token, t).sys.unwrap(),
+                lambda t: self._http.client(wrapping_token, t).sys.unwrap(),
                 repeatable=False,
             )
         except (VaultTransientError, TLSError):
@@ -169,10 +127,12 @@ class Vault(VaultPort):
 
     @_answer_read
     def approle_login(self, mount: str, role_id: str, secret_id: str) -> IssuedToken:
-        response = self._json(
+        response = self._http.json(
             "login",
             f"log in with AppRole at auth/{mount}",
-            lambda t: self._client("", t).auth.approle.login(role_id=role_id, secret_id=secret_id, mount_point=mount),
+            lambda t: self._http.client("", t).auth.approle.login(
+                role_id=role_id, secret_id=secret_id, mount_point=mount
+            ),
         )
         return issued_from_auth(response["auth"])
 
@@ -184,10 +144,10 @@ class Vault(VaultPort):
 
         The TTL granted (`IssuedToken.ttl`) may differ from `ttl`: a role's period or max TTL wins. A
         retried create whose first answer was lost leaves a token nobody holds: keep `ttl` short."""
-        response = self._json(
+        response = self._http.json(
             "mint",
             _minting(role),
-            lambda t: self._client(parent, t).auth.token.create(
+            lambda t: self._http.client(parent, t).auth.token.create(
                 role_name=role, ttl=f"{ttl}s", meta=dict(meta), renewable=True, display_name=display_name
             ),
         )
@@ -201,10 +161,10 @@ class Vault(VaultPort):
 
         Returns (wrapping token, accessor of the wrapped token); the plugin never sees the inner token.
         """
-        response = self._json(
+        response = self._http.json(
             "mint",
             _minting(role),
-            lambda t: self._client(parent, t).auth.token.create(
+            lambda t: self._http.client(parent, t).auth.token.create(
                 role_name=role,
                 ttl=f"{ttl}s",
                 meta=dict(meta),
@@ -218,10 +178,10 @@ class Vault(VaultPort):
     def revoke_accessor(self, token: str, accessor: str) -> None:
         """Revoke the token behind `accessor` (and its children) using `token`'s rights on auth/token/revoke-accessor."""
         try:
-            self._call(
+            self._http.call(
                 "revoke_accessor",
                 "revoke a token by accessor",
-                lambda t: self._client(token, t).adapter.post(
+                lambda t: self._http.client(token, t).adapter.post(
                     "/v1/auth/token/revoke-accessor", json={"accessor": accessor}
                 ),
             )
@@ -235,10 +195,10 @@ class Vault(VaultPort):
     @_answer_read
     def capabilities(self, token: str, path: str) -> set[str]:
         """What `token` may do on `path` (sys/capabilities-self)."""
-        response = self._json(
+        response = self._http.json(
             "capabilities",
             f"check capabilities on {path}",
-            lambda t: self._client(token, t).adapter.post("/v1/sys/capabilities-self", json={"paths": [path]}),
+            lambda t: self._http.client(token, t).adapter.post("/v1/sys/capabilities-self", json={"paths": [path]}),
         )
         return set(response["data"].get(path) or response["data"].get("capabilities") or [])
 
@@ -246,7 +206,7 @@ class Vault(VaultPort):
     def lookup_self(self, token: str) -> IssuedToken:
         """What Vault says of `token` now. Raises `TokenInvalidError` if it is not valid any more."""
         response = self._token_call(
-            "lookup_self", "look up the plugin token", lambda t: self._client(token, t).auth.token.lookup_self()
+            "lookup_self", "look up the plugin token", lambda t: self._http.client(token, t).auth.token.lookup_self()
         )
         data = response["data"]
         return IssuedToken(token, data["accessor"], int(data["ttl"]), bool(data.get("renewable")))
@@ -258,14 +218,18 @@ class Vault(VaultPort):
         response = self._token_call(
             "renew_token",
             "renew a token",
-            lambda t: self._client(token, t).auth.token.renew_self(increment=f"{increment}s" if increment else None),
+            lambda t: self._http.client(token, t).auth.token.renew_self(
+                increment=f"{increment}s" if increment else None
+            ),
         )
         return issued_from_auth(response["auth"])
 
     def revoke_self(self, token: str) -> None:
         """Revoke `token` and with it its children and leases. A token Vault no longer knows counts as revoked."""
         try:
-            self._call("revoke_token", "revoke a token", lambda t: self._client(token, t).auth.token.revoke_self())
+            self._http.call(
+                "revoke_token", "revoke a token", lambda t: self._http.client(token, t).auth.token.revoke_self()
+            )
         except (VaultTransientError, TLSError):
             raise
         except VaultError as e:
@@ -276,16 +240,16 @@ class Vault(VaultPort):
     def _token_call(self, operation: str, what: str, fn: Callable[[float], object]) -> dict[str, Any]:
         """A call on the token itself (`*-self`): Vault's 403, or 400 "invalid/bad token", says the token is gone."""
         try:
-            return self._json(operation, what, fn)
+            return self._http.json(operation, what, fn)
         except (VaultTransientError, TLSError):
             raise
         except VaultError as e:
             cause = e.__cause__
             if isinstance(cause, hvac.exceptions.Forbidden) or (
-                isinstance(cause, hvac.exceptions.InvalidRequest) and _says(cause, "invalid token", "bad token")
+                isinstance(cause, hvac.exceptions.InvalidRequest) and says(cause, "invalid token", "bad token")
             ):
                 raise TokenInvalidError(
-                    f"Vault says the token is not valid (could not {what}): {_reasons(cause)}"
+                    f"Vault says the token is not valid (could not {what}): {reasons(cause)}"
                 ) from cause
             raise
 
@@ -296,14 +260,16 @@ class Vault(VaultPort):
         """Read `path`, or write `params` to it (dynamic secrets such as pki/issue/...), with what Vault
         said of the answer: its lease, or for KV v2 its version."""
         if params:
-            response = self._json(
+            response = self._http.json(
                 "write",
                 f"write to {path}",
-                lambda t: self._client(token, t).write_data(path, data=dict(params)),
+                lambda t: self._http.client(token, t).write_data(path, data=dict(params)),
                 empty_ok=True,
             )
         else:
-            response = self._json("read", f"read {path}", lambda t: self._client(token, t).read(path), empty_ok=True)
+            response = self._http.json(
+                "read", f"read {path}", lambda t: self._http.client(token, t).read(path), empty_ok=True
+            )
         if not response or response.get("data") is None:
             raise VaultError(f"Vault has no secret at {path}: check the path (KV v2 paths contain /data/)")
         data, version = response["data"], None
@@ -346,10 +312,10 @@ class Vault(VaultPort):
     def kv2_current_version(self, token: str, path: str) -> int:
         """The newest version of the KV v2 secret at data path `path`, from its metadata (no secret sent)."""
         mount, _, rest = path.partition("/data/")
-        response = self._json(
+        response = self._http.json(
             "kv_metadata",
             f"read the metadata of {path}",
-            lambda t: self._client(token, t).read(f"{mount}/metadata/{rest}"),
+            lambda t: self._http.client(token, t).read(f"{mount}/metadata/{rest}"),
         )
         return int(response["data"]["current_version"])
 
@@ -358,17 +324,19 @@ class Vault(VaultPort):
     @_answer_read
     def renew_lease(self, token: str, lease_id: str, increment: int | None = None) -> int:
         """Renew a lease; returns its new duration in seconds (shorter than asked near its max TTL)."""
-        response = self._json(
+        response = self._http.json(
             "renew_lease",
             "renew a lease",
-            lambda t: self._client(token, t).sys.renew_lease(lease_id, increment=increment),
+            lambda t: self._http.client(token, t).sys.renew_lease(lease_id, increment=increment),
         )
         return int(response["lease_duration"])
 
     def revoke_lease(self, token: str, lease_id: str) -> None:
         """Revoke a lease. A lease Vault no longer knows counts as revoked."""
         try:
-            self._call("revoke_lease", "revoke a lease", lambda t: self._client(token, t).sys.revoke_lease(lease_id))
+            self._http.call(
+                "revoke_lease", "revoke a lease", lambda t: self._http.client(token, t).sys.revoke_lease(lease_id)
+            )
         except (VaultTransientError, TLSError):
             raise
         except VaultError as e:
@@ -380,8 +348,8 @@ class Vault(VaultPort):
         """Seconds left on `lease_id`, or None if Vault no longer knows it (sys/leases/lookup, which the
         default policy allows)."""
         try:
-            response = self._json(
-                "lookup_lease", "look up a lease", lambda t: self._client(token, t).sys.read_lease(lease_id)
+            response = self._http.json(
+                "lookup_lease", "look up a lease", lambda t: self._http.client(token, t).sys.read_lease(lease_id)
             )
         except (VaultTransientError, TLSError):
             raise
@@ -402,8 +370,8 @@ class Vault(VaultPort):
 
         def read(timeout: float) -> Mapping[str, Any]:
             # Standby, sealed and uninitialised servers answer with other codes: ask for 200 regardless.
-            response = self._session.get(
-                f"{self._addr}/v1/sys/health",
+            response = self._http.session.get(
+                f"{self._http.addr}/v1/sys/health",
                 timeout=timeout,
                 params={"standbyok": "true", "sealedcode": "200", "uninitcode": "200"},
             )
@@ -411,140 +379,7 @@ class Vault(VaultPort):
             health: Mapping[str, Any] = response.json()
             return health
 
-        return self._call("health", "check Vault's health", read)
-
-    # -- retries and error translation ----------------------------------------------------------
-
-    def _json(
-        self,
-        operation: str,
-        what: str,
-        fn: Callable[[float], object],
-        *,
-        repeatable: bool = True,
-        empty_ok: bool = False,
-    ) -> dict[str, Any]:
-        """`_call` for an hvac request whose answer is read as Vault's JSON object.
-
-        hvac's JSONAdapter (`_StatusAdapter`) returns that object for a 200 with a JSON body; it returns the
-        `requests.Response` for any other success (a 204 has no body), and `Client.read` returns None for a
-        404. Those are `{}` when `empty_ok` (the caller says what is missing), else a `VaultError`."""
-        answer = self._call(operation, what, fn, repeatable=repeatable)
-        if isinstance(answer, dict):
-            return answer
-        if isinstance(answer, requests.Response) and answer.status_code == 200:  # hvac's JSON decoding failed
-            raise VaultError(_not_json(self._addr, what))
-        if empty_ok:
-            return {}
-        raise VaultError(f"Vault answered without the data expected (could not {what})")
-
-    def _call(self, operation: str, what: str, fn: Callable[[float], T], *, repeatable: bool = True) -> T:
-        """Run one Vault request, `fn(timeout)`, timing it under `operation` and translating its errors
-        (`what` words them). Transient errors are retried with backoff while the caller's budget lasts,
-        each attempt's timeout cut to fit; `repeatable=False` requests are not sent again once they may
-        have reached Vault. Without a budget, one attempt."""
-        attempt, first_started, delay = 0, time.monotonic(), 0.0
-        while True:
-            time.sleep(delay)
-            left = retry.remaining()
-            timeout = self._timeout if left is None else max(min(self._timeout, left), MIN_ATTEMPT)
-            started = time.monotonic()
-            deadline = _attempt_deadline.set(started + timeout)  # the whole answer, not each read (_read_bounded)
-            try:
-                return self._translate(what, lambda: fn(timeout), timeout, repeatable)
-            except VaultTransientError as e:
-                VAULT_ERRORS.labels(operation, "transient").inc()
-                left = retry.remaining()
-                delay = retry.backoff(attempt, first=retry.BACKOFF_MIN, cap=RETRY_CAP, remaining=left or 0.0)
-                if left is None or isinstance(e, AnswerLostError) or left - delay < MIN_ATTEMPT:
-                    if attempt:
-                        raise type(e)(
-                            f"{e} (gave up after {attempt + 1} attempts in {time.monotonic() - first_started:.0f}s)"
-                        ) from e.__cause__
-                    raise
-                log.info("%s failed, retrying in %.2fs: %s", operation, delay, e)
-                VAULT_RETRIES.labels(operation).inc()
-                attempt += 1
-            except VaultError:
-                VAULT_ERRORS.labels(operation, "refused").inc()
-                raise
-            finally:
-                _attempt_deadline.reset(deadline)
-                VAULT_SECONDS.labels(operation).observe(time.monotonic() - started)
-
-    def _translate(self, what: str, fn: Callable[[], T], timeout: float, repeatable: bool) -> T:
-        try:
-            return fn()
-        # SSLError is a ConnectionError: caught first, for the more useful message.
-        except requests.exceptions.SSLError as e:
-            if _tls_refused(e):
-                raise TLSError(self._tls_message(e)) from e
-            # Under TLS 1.3 a refused client certificate often shows only as a cut connection (EOF), which a
-            # server going down mid-handshake also gives: transient, but the message names the likely cause.
-            raise VaultTransientError(
-                f"the TLS connection to Vault at {self._addr} was cut off (could not {what}): {_ssl_reason(e)}; "
-                + (
-                    "if its listener requires client certificates, give --vault-client-cert and --vault-client-key"
-                    if self._client_cert is None
-                    else f"check that Vault accepts the client certificate {self._client_cert} (its tls_client_ca_file)"
-                )
-            ) from e
-        except (requests.ConnectionError, requests.Timeout) as e:
-            if not repeatable and _may_have_arrived(e):
-                raise AnswerLostError(
-                    f"Vault at {self._addr} did not answer (could not {what} within {timeout:g}s) after the request was "
-                    "sent: it may have been carried out"
-                ) from e
-            raise VaultTransientError(
-                f"Vault at {self._addr} is unreachable (could not {what} within {timeout:g}s): "
-                "check that it is running and that VAULT_ADDR is right"
-            ) from e
-        except _AnswerTooLargeError as e:
-            raise VaultError(
-                f"Vault at {self._addr} answered more than {MAX_ANSWER >> 20} MiB (could not {what}): that is no Vault "
-                "answer; check that VAULT_ADDR points at Vault, not a proxy or a web server"
-            ) from e
-        except requests.HTTPError as e:
-            status = e.response.status_code
-            if _transient_status(status, e.response.text):
-                raise VaultTransientError(f"Vault at {self._addr} could not {what} now: HTTP {status}") from e
-            raise VaultError(f"Vault refused to {what}: HTTP {status}") from e
-        except hvac.exceptions.VaultError as e:
-            status = getattr(e, "status_code", None)
-            if status is not None and _transient_status(status, _reasons(e)):
-                raise VaultTransientError(
-                    f"Vault at {self._addr} could not {what} now (HTTP {status}: {_reasons(e)})"
-                ) from e
-            if isinstance(e, hvac.exceptions.Forbidden):
-                raise VaultError(f"Vault denied permission to {what}: {_reasons(e)}") from e
-            if isinstance(e, hvac.exceptions.InvalidPath):
-                raise VaultError(f"Vault found nothing to {what} (404): check the path") from e
-            raise VaultError(f"Vault refused to {what}: {_reasons(e)}") from e
-        except ValueError as e:  # requests' JSONDecodeError (health): HTML, an empty or cut body, not JSON at all
-            raise VaultError(_not_json(self._addr, what)) from e
-
-    def _tls_message(self, e: requests.exceptions.SSLError) -> str:
-        reason = _ssl_reason(e)
-        if "CERTIFICATE_VERIFY_FAILED" in str(e) or "certificate verify failed" in str(e):
-            trusted = (
-                f"the CA bundle {self._cacert}"
-                if self._cacert
-                else "the system's trusted CAs (no --vault-cacert given)"
-            )
-            return (
-                f"TLS to Vault at {self._addr} failed: its certificate could not be verified against {trusted} "
-                f"({reason}): give the CA that signed it with --vault-cacert (VAULT_CACERT), and check that the "
-                "address's host name is in the certificate"
-            )
-        if self._client_cert is None:
-            return (
-                f"TLS to Vault at {self._addr} failed ({reason}): if Vault's listener requires client certificates, "
-                "give --vault-client-cert and --vault-client-key (VAULT_CLIENT_CERT, VAULT_CLIENT_KEY)"
-            )
-        return (
-            f"TLS to Vault at {self._addr} failed ({reason}): Vault refused the client certificate "
-            f"{self._client_cert}: it must be signed by a CA in the listener's tls_client_ca_file"
-        )
+        return self._http.call("health", "check Vault's health", read)
 
 
 def issued_from_auth(auth: object) -> IssuedToken:
@@ -559,98 +394,6 @@ def issued_from_auth(auth: object) -> IssuedToken:
         raise VaultError(unusable) from e
 
 
-class _StatusAdapter(hvac.adapters.JSONAdapter):
-    """hvac's JSON adapter, keeping the HTTP status on the exception: hvac maps some statuses (412, 504...)
-    to one `UnexpectedError`, and the status is what says whether a retry can help."""
-
-    # ignore: hvac's stubs do not declare the adapters' _raise_for_error, which RawAdapter.request calls.
-    def _raise_for_error(self, method: str, url: str, response: requests.Response) -> None:
-        try:
-            super()._raise_for_error(method, url, response)  # type: ignore[misc]
-        except hvac.exceptions.VaultError as e:
-            e.status_code = response.status_code  # type: ignore[attr-defined]
-            raise
-
-
-_attempt_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("attempt_deadline", default=None)
-
-
-class _AnswerTooLargeError(requests.RequestException):
-    """The answer's body is over MAX_ANSWER bytes (raised while reading it, by `_read_bounded`)."""
-
-
-def _read_bounded(response: requests.Response, *args: object, **kwargs: object) -> requests.Response:
-    """A requests response hook: it runs once the headers are in and reads the body itself, with two bounds a
-    plain read lacks. At most MAX_ANSWER bytes, and the whole within the attempt's deadline: requests'
-    timeout is per read, and restarts with every byte a trickling server sends."""
-    length = response.headers.get("Content-Length", "")
-    if length.isdigit() and int(length) > MAX_ANSWER:
-        response.close()
-        raise _AnswerTooLargeError(f"Content-Length {length}")
-    deadline, chunks, size = _attempt_deadline.get(), [], 0
-    while chunk := response.raw.read1(1 << 16, decode_content=True):
-        size += len(chunk)
-        if size > MAX_ANSWER:
-            response.close()
-            raise _AnswerTooLargeError(f"over {MAX_ANSWER} bytes")
-        if deadline is not None and time.monotonic() > deadline:
-            response.close()
-            raise requests.exceptions.ReadTimeout("the answer did not arrive whole within the request's timeout")
-        chunks.append(chunk)
-    response._content = b"".join(chunks)  # what `response.content` returns from now on: read once, here
-    return response
-
-
-def _not_json(addr: str, what: str) -> str:
-    return (
-        f"Vault at {addr} answered something that is not Vault's JSON (could not {what}): check that VAULT_ADDR "
-        "points at Vault, not a proxy or a web server"
-    )
-
-
-def _transient_status(status: int, reasons: str) -> bool:
-    return (
-        status in TRANSIENT_STATUSES
-        or (500 <= status <= 599 and status != 501)
-        or (status == 400 and any(r in reasons for r in TRANSIENT_REASONS))
-    )
-
-
-def _may_have_arrived(e: requests.RequestException) -> bool:
-    """Whether a failed request may have reached Vault (and been carried out): all but a refused or timed
-    out connection."""
-    if isinstance(e, requests.ConnectTimeout):
-        return False
-    reason = getattr(e.args[0], "reason", None) if e.args else None
-    return not isinstance(reason, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError))
-
-
-def _tls_refused(e: requests.exceptions.SSLError) -> bool:
-    """A certificate problem (final), not a connection that broke mid-handshake (transient)."""
-    text = str(e)
-    return "certificate" in text.lower() or "alert" in text.lower()
-
-
-def _ssl_reason(e: BaseException) -> str:
-    """The innermost SSL reason ("self-signed certificate in certificate chain", "tlsv13 alert certificate required")."""
-    seen: set[int] = set()
-    queue: list[object] = [e]
-    found = ""
-    while queue:
-        current = queue.pop(0)
-        if id(current) in seen or not isinstance(current, BaseException):
-            continue
-        seen.add(id(current))
-        verify_message = getattr(current, "verify_message", None)
-        if verify_message:
-            return str(verify_message)
-        reason = getattr(current, "reason", None)  # ssl.SSLError's, and urllib3's wrapping errors'
-        if isinstance(current, OSError) and reason and not found:
-            found = str(reason).replace("_", " ").lower()
-        queue += [*current.args, reason, current.__cause__, current.__context__]
-    return found or "TLS handshake failed"
-
-
 def _minting(role: str | None) -> str:
     if role is None:
         return "create a child token (auth/token/create)"
@@ -660,15 +403,3 @@ def _minting(role: str | None) -> str:
 def _is_kv2(path: str, data: Mapping[str, Any]) -> bool:
     """KV v2 answers `{data, metadata}` under a `<mount>/data/...` path."""
     return "/data/" in f"/{path}" and set(data) == {"data", "metadata"} and isinstance(data["metadata"], dict)
-
-
-def _says(e: hvac.exceptions.VaultError, *texts: str) -> bool:
-    reasons = _reasons(e).lower()
-    return any(t in reasons for t in texts)
-
-
-def _reasons(e: hvac.exceptions.VaultError) -> str:
-    # Vault's error strings describe the failure ("permission denied", "role not found"); they do not
-    # echo the request's token. Bounded in case a server sends something long.
-    reasons = "; ".join(str(r) for r in (e.errors or [])) or "no reason given"
-    return reasons[:300]
