@@ -109,9 +109,6 @@ class Driver:
         _check_volume_name(name)
         options = dict(options or {})
         spec = parse_spec(options)
-        for file in spec.files:
-            if file.template is not None:
-                check_bounds(file.name, file.template)
         if spec.notify and self._notify is None:
             raise InvalidOptionError(
                 f"option notify={spec.notify}: this plugin cannot signal containers (it runs without "
@@ -126,6 +123,9 @@ class Driver:
                         f"volume {name} already exists with other options: remove it first (docker volume rm {name})"
                     )
                 return
+            for file in spec.files:  # a render each: only for a volume not already recorded (Create repeats)
+                if file.template is not None:
+                    check_bounds(file.name, file.template)
             credential = None
             if spec.wrapped_token is not None:
                 with retry.budget(self._mount_timeout):
