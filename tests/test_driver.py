@@ -10,6 +10,7 @@ from plugin.core.errors import (
     IdentityUnavailableError,
     InvalidOptionError,
     MountError,
+    StateError,
     VaultError,
     VolumeInUseError,
     VolumeNotFoundError,
@@ -351,3 +352,79 @@ def test_reconcile_settles_every_other_mount_when_one_cannot_be_settled(
         "c3",
         "token",
     ) in restarted._scheduler
+
+
+def test_remove_during_a_first_mount_is_refused_and_the_mount_completes(driver, vault, store, monkeypatch):
+    """Remove and a first Mount share the volume's lock: a volume cannot vanish under a mount being made."""
+    reading, release = threading.Event(), threading.Event()
+    fetch = vault.fetch
+
+    def slow_fetch(*args, **kwargs):
+        reading.set()
+        assert release.wait(5)
+        return fetch(*args, **kwargs)
+
+    monkeypatch.setattr(vault, "fetch", slow_fetch)
+    mounted = threading.Thread(target=driver.mount, args=("web", "a1"))
+    mounted.start()
+    try:
+        assert reading.wait(5)
+        with pytest.raises(VolumeInUseError, match="being mounted by a container that is starting"):
+            driver.remove("web")
+    finally:
+        release.set()
+        mounted.join(5)
+    assert store.volume("web") is not None and store.mount("web", "a1").refcount == 1
+    assert len(vault.live) == 1
+
+
+def test_a_volume_removed_while_its_mount_token_is_minted_leaves_no_token(driver, vault, store, monkeypatch):
+    mint = vault.mint_child
+
+    def mint_then_removed(*args, **kwargs):
+        child = mint(*args, **kwargs)
+        driver.remove("web")  # in another request, while the mint's answer travels
+        return child
+
+    monkeypatch.setattr(vault, "mint_child", mint_then_removed)
+    with pytest.raises(VolumeNotFoundError):
+        driver.mount("web", "a1")
+    assert vault.live == {} and store.mount_ids("web") == []
+
+
+def test_a_mount_that_cannot_be_recorded_revokes_its_token(driver, vault, store, monkeypatch):
+    def full_disk(record):
+        raise StateError("could not write the state database: database or disk is full")
+
+    monkeypatch.setattr(store, "add_mount", full_disk)
+    with pytest.raises(StateError, match="disk is full"):
+        driver.mount("web", "a1")
+    assert len(vault.minted) == 1 and vault.live == {}
+
+
+def _damage_token_of(store, volume: str, mount_id: str) -> None:
+    """Corrupt one sealed token in the database, as a bad sector or a half-restored backup would."""
+    with store._lock:
+        store._db.execute(
+            "UPDATE mounts SET token = ? WHERE volume = ? AND mount_id = ?", (b"\0" * 40, volume, mount_id)
+        )
+
+
+def test_one_row_that_does_not_unseal_leaves_every_other_mount_served(driver, store, vault, mounter, clock):
+    for mount_id in ("a1", "b2", "c3"):
+        driver.mount("web", mount_id)
+    _damage_token_of(store, "web", "b2")
+    restarted = driver_over_fakes(
+        store, vault, identity=driver._identity, mounter=mounter, scheduler=Scheduler(clock=clock)
+    )
+    assert restarted.reconcile() == 1
+    assert ("mount", "web", "a1", "token") in restarted._scheduler
+    assert ("mount", "web", "c3", "token") in restarted._scheduler
+    assert ("mount", "web", "b2", "token") not in restarted._scheduler
+    assert restarted.get("web").active_mounts == 3
+    damaged = store.mount("web", "b2")
+    assert damaged.unreadable and damaged.token == ""
+    # Its Unmount still revokes its token: by accessor, with the identity's right to.
+    restarted.unmount("web", "b2")
+    assert damaged.accessor not in vault.live.values() and len(vault.live) == 2
+    assert ("web", "b2") not in mounter.mounted and store.pending_revocations() == []

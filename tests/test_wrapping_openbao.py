@@ -9,6 +9,7 @@ from pathlib import Path
 import hvac.exceptions
 import pytest
 
+from tests.support.faults import kill_hard
 from tests.support.plugin import open_state, plugin_command
 
 pytestmark = pytest.mark.openbao
@@ -171,12 +172,17 @@ def test_bootstrap_with_an_intercepted_token_fails_but_plugin_keeps_serving(star
     plugin.client.ok("VolumeDriver.Unmount", {"Name": "still", "ID": MOUNT_ID})
 
 
-def test_restart_keeps_wrapped_volume_credentials(start_plugin, bao):
+@pytest.mark.parametrize("end", ["SIGTERM", "SIGKILL at once"])
+def test_restart_keeps_wrapped_volume_credentials(start_plugin, bao, end):
+    """The wrapping token is spent once Create answers: its credential must survive a crash right after."""
     plugin = start_plugin()
     plugin.client.ok(
         "VolumeDriver.Create", {"Name": "r", "Opts": {"wrapped-token": wrapped_token(bao, "web", "minter"), **FILES}}
     )
-    plugin.stop()
+    if end == "SIGTERM":
+        plugin.stop()
+    else:
+        kill_hard(plugin)
     restarted = start_plugin()
     view = restarted.client.ok("VolumeDriver.Mount", {"Name": "r", "ID": MOUNT_ID})["Mountpoint"]
     assert Path(view, "db_password").read_text() == SECRET

@@ -29,6 +29,8 @@ from typing import cast
 from plugin.core import retry
 from plugin.core.errors import (
     InvalidOptionError,
+    PluginError,
+    StateError,
     VaultError,
     VolumeInUseError,
     VolumeNotFoundError,
@@ -150,6 +152,10 @@ class Driver:
                 raise VolumeInUseError(
                     f"volume {name} is mounted by {len(active)} container(s): stop them before removing it"
                 )
+            if self._store.mount_ids(name):  # recorded at refcount 0: a first Mount in progress (see _record_mount)
+                raise VolumeInUseError(
+                    f"volume {name} is being mounted by a container that is starting: try again once it runs"
+                )
             credential = self._store.volume_credential(name)
             self._store.remove_volume(name)
             if credential is not None:
@@ -226,8 +232,7 @@ class Driver:
         else:
             child = self._mint(parent, spec, meta)
             record = MountRecord(name, mount_id, 0, str(view), child.token, child.accessor, time.time())
-        # Recorded (refcount 0) before anything else can fail, so a crash leaves a trace to undo.
-        self._store.add_mount(record)
+        self._record_mount(record)
         try:
             token_ttl, fetched = self._extend_and_fetch(child, record.token, spec)
             for source, secret in fetched.items():
@@ -249,6 +254,21 @@ class Driver:
             extra={"event": "mount", "volume": name, "mount_id": mount_id, "accessor": record.accessor},
         )
         return view
+
+    def _record_mount(self, record: MountRecord) -> None:
+        """Record a new mount (refcount 0) before anything else can fail, so a crash leaves a trace to undo.
+
+        Under the volume's lock, as Remove holds it: the volume cannot be removed between this check and the
+        record, and Remove refuses while the record exists. A token minted for a mount that cannot be
+        recorded is revoked at once: nothing minted is left without a record."""
+        try:
+            with self._hold(record.volume):
+                self._require_volume(record.volume)  # Remove may have run while the token was minted
+                self._store.add_mount(record)
+        except BaseException:
+            if record.owns_token:
+                self._revoker.revoke(record.accessor, record.token, volume=record.volume, mount_id=record.mount_id)
+            raise
 
     def _mint(self, parent: str, spec: Spec, meta: dict[str, str]) -> IssuedToken:
         """The mount's token, minted to live a little past the Mount's budget (see PROVISIONAL_MARGIN)."""
@@ -375,7 +395,11 @@ class Driver:
         parent = self._revoker.parent_token(record.volume) if record.container_token_accessor or leases else ""
         if record.container_token_accessor is not None:
             self._revoker.revoke_by_accessor(record.container_token_accessor, parent, **where)
-        if record.owns_token and self._revoker.revoke(record.accessor, record.token, **where):
+        if record.owns_token and record.unreadable:  # only its accessor is known: revoke with the parent's right
+            self._revoker.revoke_by_accessor(
+                record.accessor, parent or self._revoker.parent_token(record.volume), **where
+            )
+        elif record.owns_token and self._revoker.revoke(record.accessor, record.token, **where):
             self._revoker.confirm_leases_gone(leases, parent, **where)
 
     # -- recovery -------------------------------------------------------------------------------
@@ -393,10 +417,16 @@ class Driver:
         for record in self._store.mounts():
             try:
                 self._reconcile(record)
-            except Exception:  # noqa: BLE001  (one bad record must not leave every later mount unrenewed)
+            except Exception as e:  # noqa: BLE001  (one bad record must not leave every later mount unrenewed)
                 failed += 1
                 BACKGROUND_ERRORS.labels("reconcile").inc()
-                log.exception("could not reconcile mount %s of volume %s", record.mount_id, record.volume)
+                log.error(
+                    "could not reconcile mount %s of volume %s: %s",
+                    record.mount_id,
+                    record.volume,
+                    e,
+                    exc_info=not isinstance(e, PluginError),  # a traceback only for the unexpected
+                )
         return failed
 
     def _reconcile(self, record: MountRecord) -> None:
@@ -405,6 +435,12 @@ class Driver:
             if record.refcount == 0 or volume is None or not self._mounter.is_mounted(record.volume, record.mount_id):
                 log.info("cleaning up stale mount %s of volume %s", record.mount_id, record.volume)
                 self._teardown(record)
+            elif record.unreadable:
+                raise StateError(
+                    f"its token does not open with the seal key (a damaged row), so it is not renewed: the "
+                    f"container's secrets stop working within the token's TTL; its Unmount revokes it by accessor "
+                    f"{record.accessor}"
+                )
             elif not record.revoked:
                 self._start_upkeep(record, parse_spec(volume.options))
 
@@ -482,6 +518,9 @@ class Driver:
     @contextmanager
     def _hold(self, key: object) -> Iterator[None]:
         """Serialise work on one volume (Create/Remove) or one mount (Mount/Unmount).
+
+        The one order: a mount's lock may be held while taking its volume's (a first Mount records itself so),
+        never the other way round.
 
         Entries are dropped when no thread holds or waits for them: mount IDs are never reused.
         """

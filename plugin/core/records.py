@@ -75,6 +75,7 @@ class MountRecord:
 
     `owns_token`: the token was minted for this mount and is revoked with it (else it is the volume's).
     `container_token_accessor`: the token handed to the container wrapped in its token-file, if any.
+    `unreadable`: its token did not unseal (a damaged row): `token` is "", only `accessor` can revoke it.
     """
 
     volume: str
@@ -87,6 +88,7 @@ class MountRecord:
     owns_token: bool = True
     container_token_accessor: str | None = None
     revoked: bool = False  # by break-glass: tokens revoked and files wiped while the container runs on
+    unreadable: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -256,6 +256,11 @@ class Store(StorePort, IdentityStore):
             ).fetchall()
         return [row[0] for row in rows]
 
+    def mount_ids(self, volume: str) -> list[str]:
+        with self._lock:
+            rows = self._db.execute("SELECT mount_id FROM mounts WHERE volume = ? ORDER BY created_at", (volume,))
+            return [row[0] for row in rows.fetchall()]
+
     def count_active_mounts(self) -> int:
         with self._lock:
             count: int = self._db.execute("SELECT COUNT(*) FROM mounts WHERE refcount > 0").fetchone()[0]
@@ -298,12 +303,14 @@ class Store(StorePort, IdentityStore):
                 " container_token_accessor, revoked FROM mounts " + where + " ORDER BY created_at",
                 args,
             ).fetchall()
-        return [
-            MountRecord(
-                v, m, rc, mp, self._sealer.unseal(tok, _mount_context(v, m)), acc, ts, bool(own), cta, bool(rev)
-            )
-            for v, m, rc, mp, tok, acc, ts, own, cta, rev in rows
-        ]
+        records = []
+        for v, m, rc, mp, tok, acc, ts, own, cta, rev in rows:
+            try:
+                token, unreadable = self._sealer.unseal(tok, _mount_context(v, m)), False
+            except StateError:  # one damaged row must not hide every other mount: the caller decides
+                token, unreadable = "", True
+            records.append(MountRecord(v, m, rc, mp, token, acc, ts, bool(own), cta, bool(rev), unreadable))
+        return records
 
     def mark_mount_revoked(self, volume: str, mount_id: str) -> None:
         with self._transaction():

@@ -52,12 +52,16 @@ class Operations:
         for volume in self._store.volumes():
             mounts = []
             for record in self._store.mounts(volume.name):
+                if record.unreadable:
+                    token_ttl: int | str = "unknown (its token does not open with the seal key)"
+                else:
+                    token_ttl = self._ttl(lambda: self._vault.lookup_self(record.token).ttl)
                 mounts.append(
                     {
                         "mount_id": record.mount_id,
                         "age": round(now - record.created_at),
                         "refcount": record.refcount,
-                        "token_ttl": self._ttl(lambda: self._vault.lookup_self(record.token).ttl),
+                        "token_ttl": token_ttl,
                         "leases": [
                             {
                                 "source": source,

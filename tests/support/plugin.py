@@ -107,7 +107,9 @@ class PluginProcess:
             try:
                 if self.client.call("Plugin.Activate")[0] == 200:
                     return self
-            except (FileNotFoundError, ConnectionRefusedError):
+            except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError):
+                # Reset: a connection that reached the listener of a plugin killed a moment ago (seen after
+                # SIGKILL, before the new process binds); dockerd retries such calls too.
                 pass
             time.sleep(0.05)
         raise RuntimeError(f"plugin socket not serving after {timeout}s:\n{self.log()[-3000:]}")
