@@ -327,8 +327,9 @@ def test_sealed_token_copied_to_another_row_does_not_open(db_path, store):
         db.execute("UPDATE mounts SET token = (SELECT token FROM mounts WHERE mount_id = 'c1') WHERE mount_id = 'c2'")
     db.close()
 
-    with pytest.raises(StateError):
-        store.mount("web", "c2")
+    copied = store.mount("web", "c2")
+    assert copied.unreadable and copied.token == ""
+    assert store.mount("web", "c1").token == mount_record(mount_id="c1").token
 
 
 # -- unusable databases -------------------------------------------------------------------------
