@@ -16,9 +16,11 @@ from plugin.core.driver import Driver
 from plugin.core.errors import PluginError
 from plugin.core.metrics import BACKGROUND_ERRORS, IDENTITY_SECONDS_LEFT, MOUNTS_ACTIVE, serve_metrics
 from plugin.core.scheduler import Scheduler
+from plugin.core.upkeep import Notify
 from plugin.edge.app import create_app, create_control_app
 from plugin.edge.docker_api import DockerAPI
 from plugin.edge.server import at_worker_exit
+from plugin.host.holders import sees_every_process, signal_each
 from plugin.host.mounts import TmpfsMounter
 from plugin.host.seal import Sealer
 from plugin.host.store import Store
@@ -84,21 +86,34 @@ def build_service(settings: Settings) -> Service:
     )
     scheduler = Scheduler()
     docker = DockerAPI(settings.docker_socket) if settings.docker_socket else None
+    mounter = TmpfsMounter(settings.mount_root)
     driver = Driver(
         store,
         vault,
         identity,
-        TmpfsMounter(settings.mount_root),
+        mounter,
         scheduler,
         hostname=settings.hostname,
         credentials=CredentialUnwrapper(vault),
         wrap_allowed_paths=settings.wrap_allowed_paths,
-        notify=docker.signal if docker else None,
+        notify=_notifier(mounter),
         mount_timeout=settings.mount_timeout,
     )
     MOUNTS_ACTIVE.set_function(store.count_active_mounts)
     IDENTITY_SECONDS_LEFT.set_function(identity.seconds_left)
     return Service(driver, identity, scheduler, store, vault, threading.Event(), docker)
+
+
+def _notifier(mounter: TmpfsMounter) -> Notify | None:
+    """`notify=` signals the containers holding the mount whose files changed; only where every process is
+    seen (not from a PID namespace of its own)."""
+    if not sees_every_process():
+        return None
+
+    def notify(volume: str, mount_id: str, signal: str) -> None:
+        signal_each(mounter.holders(volume, mount_id) or [], signal)
+
+    return notify
 
 
 def start_background(service: Service) -> None:

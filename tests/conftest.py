@@ -189,7 +189,12 @@ def notified():
 @pytest.fixture
 def driver(store, vault, identity, mounter, scheduler, notified):
     d = driver_over_fakes(
-        store, vault, identity, mounter, scheduler, notify=lambda volume, signal: notified.append((volume, signal))
+        store,
+        vault,
+        identity,
+        mounter,
+        scheduler,
+        notify=lambda volume, mountpoint, signal: notified.append((volume, signal)),
     )
     d.create("web", OPTIONS)
     return d

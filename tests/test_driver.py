@@ -321,8 +321,8 @@ def test_mounts_of_volumes_no_running_container_uses_are_released(driver, vault,
 
 
 def test_notify_is_refused_where_nothing_can_deliver_it(store, vault, identity, mounter, scheduler):
-    driver = driver_over_fakes(store, vault, identity, mounter, scheduler)  # no notify: no --docker-socket
-    with pytest.raises(InvalidOptionError, match="option notify=SIGHUP: .*--docker-socket"):
+    driver = driver_over_fakes(store, vault, identity, mounter, scheduler)  # no notify: a PID namespace of its own
+    with pytest.raises(InvalidOptionError, match="option notify=SIGHUP: .*does not see the host.s processes"):
         driver.create("quiet", {**OPTIONS, "notify": "HUP"})
     driver.create("quiet", OPTIONS)
 

@@ -4,6 +4,7 @@ OpenBao holds the secrets, and containers run as a non-root user."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -214,3 +215,46 @@ def test_a_restart_always_container_is_running_again_with_its_secrets_after_dock
     finally:
         docker.docker("rm", "-f", container, check=False)
     assert bao.accessors_with_meta(volume=unique_name) == []
+
+
+def test_notify_signals_only_the_container_whose_files_changed(docker, plugin, bao, unique_name):
+    """Two containers on one volume have a mount each: a rewrite of one mount signals its container only."""
+    kv = bao.root.secrets.kv.v2
+    kv.create_or_update_secret(path=f"web/{unique_name}", secret={"password": "one"})
+    docker.docker(
+        "volume",
+        "create",
+        "-d",
+        plugin.name,
+        *("-o", "role=web", "-o", f"secret.pw=secret/data/web/{unique_name}#password", "-o", "uid=1000"),
+        *("-o", "refresh=10s", "-o", "notify=SIGHUP"),
+        unique_name,
+    )
+    # busybox sh runs a trap between two short sleeps; each HUP adds a line.
+    counting = "trap 'echo hup >> /tmp/hups' HUP; touch /tmp/hups; while true; do sleep 0.2; done"
+
+    def start() -> str:
+        return docker.docker(
+            "run", "-d", "--network", "none", "--user", "1000", "-v", f"{unique_name}:/run/secrets",
+            docker.image, "sh", "-c", counting,
+        ).stdout.strip()  # fmt: skip
+
+    def hups(container: str) -> int:
+        return docker.docker("exec", container, "cat", "/tmp/hups").stdout.count("hup")
+
+    def read(container: str) -> str:
+        return docker.docker("exec", container, "cat", "/run/secrets/pw").stdout
+
+    first = start()
+    kv.create_or_update_secret(path=f"web/{unique_name}", secret={"password": "two"})
+    second = start()  # mounted after the change: its files are already current
+    try:
+        assert read(first) == "one" and read(second) == "two"
+        deadline = time.monotonic() + 20
+        while read(first) != "two" and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert read(first) == "two"
+        time.sleep(12)  # past the second mount's own refresh, which finds nothing changed
+        assert (hups(first), hups(second)) == (1, 0)
+    finally:
+        docker.docker("rm", "-f", first, second, check=False)

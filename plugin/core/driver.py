@@ -69,6 +69,8 @@ _MOUNT_ID = re.compile(r"[A-Za-z0-9]{1,128}")
 PROVISIONAL_MARGIN = 10
 # Unmount waits less for Vault than Mount: a revocation it cannot make now is owed and retried.
 UNMOUNT_TIMEOUT = 10.0
+# A mount this young may belong to a container still starting, which holds its tmpfs only once it runs.
+STARTING = 10.0
 
 
 class Driver:
@@ -113,8 +115,9 @@ class Driver:
         spec = parse_spec(options)
         if spec.notify and self._notify is None:
             raise InvalidOptionError(
-                f"option notify={spec.notify}: this plugin cannot signal containers (it runs without "
-                "--docker-socket): drop notify=, or run the plugin with --docker-socket /run/docker.sock"
+                f"option notify={spec.notify}: this plugin cannot signal containers, as it does not see the "
+                "host's processes (it runs in a PID namespace of its own): drop notify=, or run the plugin as "
+                "the host service"
             )
         stored = _stored_options(options)
         with self._hold(name):
@@ -197,7 +200,7 @@ class Driver:
         with self._hold((name, mount_id)):
             record = self._store.mount(name, mount_id)
             if record is not None and record.refcount > 0:
-                self._store.set_refcount(name, mount_id, record.refcount + 1)
+                self._store.set_refcount(name, mount_id, self._references_after_remount(record))
                 return record.mountpoint
             if record is not None:  # left half-made by a crash: finish undoing it first
                 self._teardown(record)
@@ -211,6 +214,22 @@ class Driver:
             finally:
                 MOUNT_SECONDS.observe(time.monotonic() - started)
         return str(view)
+
+    def _references_after_remount(self, record: MountRecord) -> int:
+        """The refcount after another Mount of an ID that is mounted. dockerd sends one for `docker cp` into a
+        running container (one more reference), and, after it crashed, for a container it restarts with its old
+        mount ID: then no Unmount will ever come for the earlier references. Told apart by whether a container
+        holds the tmpfs now (and is not just starting: a reference younger than STARTING counts as held)."""
+        if time.time() - record.created_at > STARTING and self._mounter.holders(record.volume, record.mount_id) == []:
+            log.warning(
+                "mount %s of volume %s was mounted again while no container holds it: its %d earlier reference(s) "
+                "are stale (dockerd restarted after a crash?), counting one",
+                record.mount_id,
+                record.volume,
+                record.refcount,
+            )
+            return 1
+        return record.refcount + 1
 
     def _mount_new(self, name: str, mount_id: str) -> Path:
         """Mint, fetch, render, mount: the work of a first Mount of an ID (under its lock)."""

@@ -184,3 +184,8 @@ class Mounter(Protocol):
     def unmount(self, volume: str, mount_id: str) -> None:
         """Remove the view and the tmpfs; nothing mounted is fine."""
         ...
+
+    def holders(self, volume: str, mount_id: str) -> list[int] | None:
+        """The processes binding the mount's tmpfs, one per container (its init, the one to signal); [] for
+        none or when it is not mounted; None when this host cannot tell (it does not see every process)."""
+        ...

@@ -4,7 +4,7 @@ After Mount, the scheduler runs, for each mount: the renewal of its token; for e
 renewal of the lease and, once Vault caps a renewal (max TTL) or the lease is not renewable, the issue
 of a new secret whose files replace the old ones atomically, the old lease being revoked after
 `rotate-grace`; and, every `refresh`, a check of its static secrets for new versions. Files are rewritten
-only when their bytes change, and then the containers using the volume are signalled (`notify=`).
+only when their bytes change, and then the container using the mount is signalled (`notify=`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ audit = logging.getLogger("plugin.audit")
 # A renewal granting less than this share of the lease's first duration means the max TTL is near.
 CAPPED = 0.9
 
-Notify = Callable[[str, str], None]  # (volume, signal)
+Notify = Callable[[str, str, str], None]  # (volume, mount ID, signal): signals the containers binding that mount
 
 
 def fetch_all(vault: VaultPort, token: str, sources: tuple[Source, ...]) -> dict[Source, Fetched]:
@@ -213,6 +213,11 @@ class MountUpkeep:
             log.info("rewrote %s of volume %s", ", ".join(written), self._record.volume)
             if self._spec.notify and self._notify is not None:
                 try:
-                    self._notify(self._record.volume, self._spec.notify)
-                except PluginError as e:
-                    log.warning("could not signal the containers of volume %s: %s", self._record.volume, e)
+                    self._notify(self._record.volume, self._record.mount_id, self._spec.notify)
+                except (PluginError, OSError) as e:  # the files are written: a failed signal must not stop upkeep
+                    log.warning(
+                        "could not signal the container of mount %s of volume %s: %s",
+                        self._record.mount_id,
+                        self._record.volume,
+                        e,
+                    )

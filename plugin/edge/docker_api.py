@@ -1,5 +1,6 @@
 """The little of dockerd's API the plugin uses (optional, with --docker-socket): which running
-containers use a volume, and signalling them after their secrets changed."""
+containers use a volume. (Its `Mounts` cannot tell one container's mount of a volume from another's:
+dockerd reports the volume's latest mountpoint for all of them.)"""
 
 from __future__ import annotations
 
@@ -23,14 +24,11 @@ class DockerAPI:
 
     def running_containers_using(self, volume: str) -> list[str]:
         """IDs of running containers that mount `volume`."""
-        query = urllib.parse.urlencode({"filters": json.dumps({"volume": [volume]})})
-        containers = self._call("GET", f"/containers/json?{query}")
-        return [c["Id"] for c in containers or []]
+        return [c["Id"] for c in self._running_with(volume)]
 
-    def signal(self, volume: str, signal: str) -> None:
-        """Send `signal` (e.g. SIGHUP) to every running container using `volume`."""
-        for container in self.running_containers_using(volume):
-            self._call("POST", f"/containers/{container}/kill?signal={urllib.parse.quote(signal)}")
+    def _running_with(self, volume: str) -> list[dict[str, Any]]:
+        query = urllib.parse.urlencode({"filters": json.dumps({"volume": [volume]})})
+        return list(self._call("GET", f"/containers/json?{query}") or [])
 
     def _call(self, method: str, url: str) -> Any:
         """dockerd's decoded JSON answer (None for an empty body)."""

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from plugin.core.errors import MountError
 from plugin.core.ports import Mounter
+from plugin.host.holders import holders, sees_every_process
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -125,6 +126,16 @@ class TmpfsMounter(Mounter):
             pass
         except OSError as e:
             raise MountError(f"could not wipe the files of volume {volume}: {e.strerror} ({e.filename})") from e
+
+    def holders(self, volume: str, mount_id: str) -> list[int] | None:
+        """The containers binding the mount, from every process's mountinfo (see `plugin.host.holders`)."""
+        try:
+            with _tmpfs_root(self._root / volume / mount_id / "data") as root:
+                device = os.fstat(root).st_dev
+        except OSError:
+            return [] if sees_every_process() else None
+        found = holders({device: f"/{volume}/{mount_id}"})
+        return None if found is None else found[device]
 
     def unmount(self, volume: str, mount_id: str) -> None:
         """Unmount the view and the tmpfs and remove their directories. Unknown mounts are a no-op."""

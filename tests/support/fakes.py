@@ -155,6 +155,7 @@ class FakeMounter(Mounter):
         self.root = root
         self.mounted: dict[tuple[str, str], dict[str, Any]] = {}  # files, uid, gid, mode, size of each mount
         self.fail = False
+        self.held: dict[tuple[str, str], list[int]] | None = None  # (volume, mount id) -> holder PIDs
 
     def view_path(self, volume: str, mount_id: str) -> Path:
         return self.root / volume / mount_id / "view"
@@ -183,6 +184,12 @@ class FakeMounter(Mounter):
 
     def unmount(self, volume: str, mount_id: str) -> None:
         self.mounted.pop((volume, mount_id), None)
+
+    def holders(self, volume: str, mount_id: str) -> list[int] | None:
+        """What the test says holds each mount (`held`); None (cannot tell) unless it says."""
+        if self.held is None:
+            return None
+        return list(self.held.get((volume, mount_id), [])) if (volume, mount_id) in self.mounted else []
 
 
 class FakeIdentity(TokenSource):
