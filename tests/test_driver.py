@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -428,3 +429,27 @@ def test_one_row_that_does_not_unseal_leaves_every_other_mount_served(driver, st
     restarted.unmount("web", "b2")
     assert damaged.accessor not in vault.live.values() and len(vault.live) == 2
     assert ("web", "b2") not in mounter.mounted and store.pending_revocations() == []
+
+
+def test_a_remount_of_an_id_no_container_holds_drops_the_stale_references(driver, vault, mounter, store, monkeypatch):
+    """dockerd restarted after a crash mounts a restarted container with its old mount ID: the earlier
+    references will never be unmounted, so the count starts again at one and the next Unmount ends it."""
+    driver.mount("web", "a1")
+    mounter.held = {("web", "a1"): [4242]}
+    driver.mount("web", "a1")  # docker cp into the running container: a second reference
+    assert store.mount("web", "a1").refcount == 2
+    monkeypatch.setattr(time, "time", lambda: store.mount("web", "a1").created_at + 60)
+    mounter.held = {}  # the container died with dockerd
+    driver.mount("web", "a1")
+    assert store.mount("web", "a1").refcount == 1
+    driver.unmount("web", "a1")
+    assert vault.live == {} and mounter.mounted == {}
+
+
+@pytest.mark.parametrize("held", [None, "young"])
+def test_a_remount_counts_a_reference_when_holders_cannot_be_told(driver, store, mounter, held):
+    """Where the host's processes are not visible, or the mount is young (its container may be starting)."""
+    driver.mount("web", "a1")
+    mounter.held = None if held is None else {}
+    driver.mount("web", "a1")
+    assert store.mount("web", "a1").refcount == 2

@@ -4,6 +4,7 @@ the disk beneath, and never leaves a part-written file."""
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 
@@ -43,3 +44,31 @@ def test_a_rewrite_racing_an_unmount_never_writes_below_the_tmpfs(short_tmp):
         assert not (root / "v" / mount_id).exists(), f"{mount_id}: something was written below the tmpfs"
     assert not (root / "v").exists() or os.listdir(root / "v") == []
     assert refused > 0, "the race was met: rewrites came after the tmpfs was gone"
+
+
+def test_holders_are_the_namespaces_that_bind_the_tmpfs_not_the_plugins_own_mount_points(short_tmp):
+    """A process in a mount namespace of its own that binds the view (as a container does) holds the mount;
+    the plugin's namespace, where only data/ and view/ are mounted, does not. Real tmpfs, real namespaces."""
+    require_root()
+    mounter = TmpfsMounter(short_tmp / "mounts")
+    view = mounter.mount("v", "held", {"a": b"one"}, uid=0, gid=0, mode=0o400, size=1 << 20)
+    mounter.mount("v", "idle", {"a": b"one"}, uid=0, gid=0, mode=0o400, size=1 << 20)
+    target = short_tmp / "target"
+    target.mkdir()
+    # A "container": a new mount namespace (private propagation) binding the view at its own target.
+    container = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         f"mount --bind {view} {target} && echo ready && exec sleep 30"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert container.stdout is not None and container.stdout.readline() == "ready\n"
+        assert mounter.holders("v", "held") == [container.pid]
+        assert mounter.holders("v", "idle") == []
+    finally:
+        container.kill()
+        container.communicate()
+    assert mounter.holders("v", "held") == []
+    mounter.unmount("v", "held")
+    mounter.unmount("v", "idle")
+    assert mounter.holders("v", "held") == []  # not mounted any more
