@@ -240,8 +240,9 @@ def start_plugin(bao, short_tmp):
 
 
 class Databases:
-    """A throwaway PostgreSQL behind two database engine mounts of the session's OpenBao, both granting
-    role `app` to policy `web`: `db` (1h leases) and `dbshort` (4s leases, 12s max TTL, for rotation)."""
+    """A throwaway PostgreSQL behind database engine mounts of the session's OpenBao, each granting role
+    `app` to policy `web`: `db` (1h leases), `dbshort` (4s leases, 12s max TTL, for rotation) and `dbgrace`
+    (20s leases, 30s max TTL: a re-issue well before the max TTL, so that rotate-grace can be seen)."""
 
     def __init__(self, pg):
         self.pg = pg
@@ -255,7 +256,7 @@ def databases(bao, tmp_path_factory) -> Iterator[Databases]:
     require_postgres()
     pg = PostgresServer.start(tmp_path_factory.mktemp("postgres"))
     try:
-        for mount, ttl, max_ttl in (("db", "1h", "24h"), ("dbshort", "4s", "12s")):
+        for mount, ttl, max_ttl in (("db", "1h", "24h"), ("dbshort", "4s", "12s"), ("dbgrace", "20s", "30s")):
             configure_database_engine(
                 bao.root,
                 pg.host,
@@ -269,7 +270,7 @@ def databases(bao, tmp_path_factory) -> Iterator[Databases]:
             )
         yield Databases(pg)
     finally:
-        for mount in ("db", "dbshort"):  # revokes what a failed test left, while PostgreSQL is still up
+        for mount in ("db", "dbshort", "dbgrace"):  # revokes what a failed test left, while PostgreSQL is still up
             try:
                 bao.root.sys.disable_secrets_engine(mount)
             except Exception:  # best effort in teardown; the server goes away next

@@ -7,6 +7,10 @@ and the containers together) the restarted dockerd sends no Unmount for the old 
 restarted container's volume again with the same ID (Debian docker.io 20.10). Once that container is
 removed, the plugin must hold nothing of the volume (no mount, no token) and `docker volume rm` must succeed.
 
+The two variants also differ in when the second Mount comes. With dockerd alone killed, the container lives
+on, and the restarted dockerd first stops it (SIGTERM, its 10 s stop timeout, SIGKILL): the second Mount
+comes some 11 s after the first. With everything killed, it comes within a second or two of the first.
+
 The plugin is reached through a recording socket (`RecordingSocket`) that forwards every call and notes each
 verb, mount ID and the refcount the plugin's state holds for that ID after the call: the failure message
 shows what dockerd sent.

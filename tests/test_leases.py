@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from plugin.core.errors import VaultError, VaultTransientError
+from plugin.core.errors import TokenInvalidError, VaultError, VaultTransientError
 from plugin.core.retry import backoff
 from plugin.core.scheduler import Again, Scheduler, renewal_delay
 from tests.support.fakes import FakeClock
@@ -36,14 +36,16 @@ class Lived:
     """Something with a TTL that a task renews: `down` makes it unreachable, `gone` refused for good."""
 
     def __init__(self, ttl=100):
-        self.ttl, self.down, self.gone, self.calls = ttl, False, False, 0
+        self.ttl, self.down, self.gone, self.refused, self.calls = ttl, False, False, False, 0
 
     def renew(self):
         self.calls += 1
         if self.down:
             raise VaultTransientError("unreachable")
         if self.gone:
-            raise VaultError("permission denied")
+            raise TokenInvalidError("Vault says the token is not valid")
+        if self.refused:
+            raise VaultError("Vault denied permission to renew a lease")
         return Again(renewal_delay(self.ttl), self.ttl)
 
 
@@ -100,7 +102,21 @@ def test_task_whose_lifetime_ends_during_an_outage_is_dropped(clock):
     assert scheduler.run_due() is None and len(scheduler) == 0
 
 
-def test_task_vault_refuses_for_good_is_dropped(clock):
+def test_a_refusal_is_retried_while_what_the_task_keeps_alive_lives(clock):
+    """A 403, a template that no longer renders, a full tmpfs: the old secret serves on, so keep trying."""
+    scheduler, lived = Scheduler(clock=clock), Lived(ttl=100)
+    lived.refused = True
+    scheduler.schedule("t", lived.renew, 0, lifetime=10)
+    assert scheduler.run_due() == pytest.approx(1)
+    lived.refused = False
+    clock.advance(1)
+    assert scheduler.run_due() == pytest.approx(60) and lived.calls == 2
+    lived.refused = True
+    clock.advance(200)  # past its lifetime: given up
+    assert scheduler.run_due() is None and len(scheduler) == 0
+
+
+def test_task_whose_token_vault_says_is_gone_is_dropped(clock):
     scheduler, lived = Scheduler(clock=clock), Lived()
     lived.gone = True
     scheduler.schedule("t", lived.renew, 0)

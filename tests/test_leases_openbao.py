@@ -55,7 +55,9 @@ def test_database_credential_lives_exactly_as_long_as_the_mount(start_plugin, ba
     wait_for(lambda: "lease.revoke" in plugin.log(), 5, "the plugin to confirm the lease is gone")
 
 
-def test_pki_certificate_and_key_from_one_issue_request(start_plugin, bao):
+@pytest.fixture
+def pki(bao):
+    """A PKI mount (role `web` for *.internal) and token role `pki` whose tokens may issue from it."""
     if "pki/" not in bao.root.sys.list_mounted_secrets_engines()["data"]:
         bao.root.sys.enable_secrets_engine("pki", config={"max_lease_ttl": "48h"})
         bao.root.write_data("pki/root/generate/internal", data={"common_name": "vault-secrets test CA", "ttl": "48h"})
@@ -69,6 +71,10 @@ def test_pki_certificate_and_key_from_one_issue_request(start_plugin, bao):
             bao.root.sys.read_policy("vault-secrets-plugin")["data"]["rules"]
             + 'path "auth/token/create/pki" { capabilities = ["update"] }\n',
         )
+
+
+@pytest.mark.usefixtures("pki")
+def test_pki_certificate_and_key_from_one_issue_request(start_plugin, bao):
     plugin = start_plugin()
     source = "pki/issue/web?common_name=web.internal&ttl=1h"
     plugin.client.ok(
@@ -110,7 +116,7 @@ def test_short_lease_is_renewed_then_reissued_at_max_ttl_with_files_swapped(star
     assert read(view, "dsn") == f"postgresql://{second}@127.0.0.1/postgres"
     assert databases.pg.can_login(second, read(view, "password"))
     wait_for(lambda: not databases.pg.role_exists(first), 8, "the old credential to be revoked after the grace")
-    assert "secret.rotate" in plugin.log()
+    assert "token.replace" in plugin.log(), "a new token and its secrets replaced the old"
     plugin.client.ok("VolumeDriver.Unmount", {"Name": "short", "ID": MOUNT_ID})
     assert not databases.pg.role_exists(second)
 
@@ -142,3 +148,73 @@ def test_volume_removed_while_unmounted_leaves_no_lease(start_plugin, bao, datab
         return keys is None or keys["data"]["keys"] == []
 
     wait_for(no_leases_left, 10, "the credential's lease to be gone")
+
+
+def test_rotate_grace_revokes_the_old_database_role_well_before_its_max_ttl(start_plugin, bao, databases):
+    """20 s leases, 30 s max TTL, rotate-grace=2s, and the docs' policies (no sys/leases/revoke anywhere): the
+    first renewal is capped, a new token and credential take over, and the old role is gone a grace later."""
+    plugin = start_plugin()
+    plugin.client.ok("VolumeDriver.Create", {"Name": "grace", "Opts": db_options("dbgrace", **{"rotate-grace": "2s"})})
+    mounted_at = time.monotonic()
+    view = plugin.client.ok("VolumeDriver.Mount", {"Name": "grace", "ID": MOUNT_ID})["Mountpoint"]
+    first, first_password = read(view, "username"), read(view, "password")
+    second = wait_for(lambda: read(view, "username") != first and read(view, "username"), 25, "a re-issue")
+    reissued_at = time.monotonic()
+    assert databases.pg.can_login(second, read(view, "password"))
+    assert databases.pg.can_login(first, first_password), "the old credential serves during the grace"
+    wait_for(lambda: not databases.pg.role_exists(first), 10, "the old role to be revoked after the grace")
+    gone_at = time.monotonic()
+    assert gone_at - reissued_at < 2 + 5, "revoked a grace after the re-issue"
+    assert gone_at - mounted_at < 30 - 5, "well before the old credential's max TTL"
+    log = plugin.log()
+    assert "token.replace" in log and "Vault denied" not in log
+    assert "could not revoke" not in log, "no revocation failed (and none was taken for done)"
+    plugin.client.ok("VolumeDriver.Unmount", {"Name": "grace", "ID": MOUNT_ID})
+    wait_for(lambda: not databases.pg.role_exists(second), 10, "the new role to go with the mount")
+
+
+def _issued_certificates(bao) -> int:
+    listed = bao.root.list("pki/certs")
+    return len(listed["data"]["keys"]) if listed else 0
+
+
+@pytest.mark.usefixtures("pki")
+def test_a_certificate_is_issued_once_whatever_refresh_says(start_plugin, bao):
+    plugin = start_plugin()
+    source = "pki/issue/web?common_name=once.internal&ttl=1h"
+    plugin.client.ok(
+        "VolumeDriver.Create",
+        {"Name": "once", "Opts": {"role": "pki", "secret.tls.crt": source, "format.tls.crt": "pem", "refresh": "5s"}},
+    )
+    before = _issued_certificates(bao)
+    view = plugin.client.ok("VolumeDriver.Mount", {"Name": "once", "ID": MOUNT_ID})["Mountpoint"]
+    served = Path(view, "tls.crt").read_bytes()
+    time.sleep(12)  # two refreshes (the shortest refresh= is 5s)
+    assert _issued_certificates(bao) - before == 1, "a 1h certificate is not re-issued by refresh"
+    assert Path(view, "tls.crt").read_bytes() == served
+    plugin.client.ok("VolumeDriver.Unmount", {"Name": "once", "ID": MOUNT_ID})
+
+
+@pytest.mark.usefixtures("pki")
+def test_a_short_certificate_is_replaced_before_it_expires_even_without_refresh(start_plugin, bao):
+    plugin = start_plugin()
+    source = "pki/issue/web?common_name=short.internal&ttl=12s"
+    plugin.client.ok(
+        "VolumeDriver.Create",
+        {
+            "Name": "short-tls",
+            "Opts": {"role": "pki", "secret.tls.crt": source, "format.tls.crt": "pem", "refresh": "0"},
+        },
+    )
+    view = plugin.client.ok("VolumeDriver.Mount", {"Name": "short-tls", "ID": MOUNT_ID})["Mountpoint"]
+
+    def leaf() -> x509.Certificate:
+        return x509.load_pem_x509_certificates(Path(view, "tls.crt").read_bytes())[0]
+
+    first = leaf()
+    second = wait_for(lambda: leaf().serial_number != first.serial_number and leaf(), 12, "a new certificate")
+    replaced_at = time.time()
+    assert replaced_at < first.not_valid_after_utc.timestamp(), "replaced before the old one expired"
+    assert second.not_valid_after_utc.timestamp() > replaced_at + 5, "by a valid new one"
+    assert "(retried)" not in plugin.log()
+    plugin.client.ok("VolumeDriver.Unmount", {"Name": "short-tls", "ID": MOUNT_ID})

@@ -17,6 +17,7 @@ from plugin.core.errors import StateError
 from plugin.core.records import (
     IdentityRecord,
     MountRecord,
+    OwedRevocation,
     VolumeCredential,
     VolumeRecord,
 )
@@ -231,13 +232,19 @@ def test_wrapping_token_second_mark_keeps_first_time(db_path, store):
 def test_pending_revocations(store):
     assert store.pending_revocations() == []
 
-    store.add_pending_revocation("acc-1", "hvs.one")
-    store.add_pending_revocation("acc-2", "hvs.parent", by_accessor=True)
-    store.add_pending_revocation("acc-1", "hvs.one-again")
-    assert sorted(store.pending_revocations()) == [("acc-1", "hvs.one-again", False), ("acc-2", "hvs.parent", True)]
+    store.add_pending_revocation(OwedRevocation("acc-1", "hvs.one"))
+    store.add_pending_revocation(OwedRevocation("acc-2", "hvs.parent", "accessor"))
+    store.add_pending_revocation(OwedRevocation("lease/1", "hvs.shared", "lease", not_before=5.0))
+    store.add_pending_revocation(OwedRevocation("acc-1", "hvs.one-again"))
+    assert sorted(store.pending_revocations(), key=lambda o: o.key) == [
+        OwedRevocation("acc-1", "hvs.one-again"),
+        OwedRevocation("acc-2", "hvs.parent", "accessor"),
+        OwedRevocation("lease/1", "hvs.shared", "lease", 5.0),
+    ]
+    assert [o.token for o in store.pending_revocations()] == ["hvs.parent", "hvs.shared", "hvs.one-again"]
 
     store.remove_pending_revocation("acc-1")
-    assert store.pending_revocations() == [("acc-2", "hvs.parent", True)]
+    assert [o.key for o in store.pending_revocations()] == ["acc-2", "lease/1"]
 
 
 def test_volume_credentials_are_sealed_and_removed_with_their_volume(store, tmp_path):
@@ -263,7 +270,7 @@ def database_bytes(db_path: Path) -> bytes:
 def write_every_kind_of_token(store: Store) -> None:
     store.add_mount(MountRecord("web", "c1", 1, "/run/vs/web/c1", "hvs.MOUNT-TOKEN-CLEAR", "ACCESSOR-MOUNT", 1.0))
     store.save_identity(IdentityRecord("hvs.IDENTITY-TOKEN-CLEAR", "ACCESSOR-IDENTITY", 1.0))
-    store.add_pending_revocation("ACCESSOR-REVOKE", "hvs.REVOKE-TOKEN-CLEAR")
+    store.add_pending_revocation(OwedRevocation("ACCESSOR-REVOKE", "hvs.REVOKE-TOKEN-CLEAR"))
 
 
 TOKENS = [b"MOUNT-TOKEN-CLEAR", b"IDENTITY-TOKEN-CLEAR", b"REVOKE-TOKEN-CLEAR"]
@@ -375,7 +382,8 @@ def test_the_writes_a_power_cut_must_not_lose_are_fsynced_and_the_others_are_not
         synchronous_at_commit(lambda: store.add_volume("v", {"role": "web"}, credential)) == "PRAGMA synchronous=FULL"
     )
     assert synchronous_at_commit(lambda: store.mark_wrapping_token_consumed("d" * 64)) == "PRAGMA synchronous=FULL"
-    assert synchronous_at_commit(lambda: store.add_pending_revocation("acc", "tok")) == "PRAGMA synchronous=FULL"
+    owed = OwedRevocation("acc", "tok")
+    assert synchronous_at_commit(lambda: store.add_pending_revocation(owed)) == "PRAGMA synchronous=FULL"
     store.add_mount(MountRecord("v", "m1", 0, "/x", "t", "a", 0.0))
     assert synchronous_at_commit(lambda: store.set_refcount("v", "m1", 1)) == "NORMAL (unchanged)"
     statements.clear()

@@ -47,6 +47,7 @@ from plugin.core.records import (
     Fetched,
     IssuedToken,
     MountRecord,
+    OwedRevocation,
     VolumeInfo,
     VolumeRecord,
 )
@@ -55,7 +56,7 @@ from plugin.core.revocation import Revoker
 from plugin.core.scheduler import Scheduler, renewal_delay, token_renewal
 from plugin.core.spec import TOKEN_FILE_WRAP_TTL, Source, Spec, parse_spec
 from plugin.core.template import check_bounds
-from plugin.core.upkeep import MountUpkeep, Notify
+from plugin.core.upkeep import MountUpkeep, Notify, notify_changed
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("plugin.audit")
@@ -69,8 +70,6 @@ _MOUNT_ID = re.compile(r"[A-Za-z0-9]{1,128}")
 PROVISIONAL_MARGIN = 10
 # Unmount waits less for Vault than Mount: a revocation it cannot make now is owed and retried.
 UNMOUNT_TIMEOUT = 10.0
-# A mount this young may belong to a container still starting, which holds its tmpfs only once it runs.
-STARTING = 10.0
 
 
 class Driver:
@@ -219,8 +218,9 @@ class Driver:
         """The refcount after another Mount of an ID that is mounted. dockerd sends one for `docker cp` into a
         running container (one more reference), and, after it crashed, for a container it restarts with its old
         mount ID: then no Unmount will ever come for the earlier references. Told apart by whether a container
-        holds the tmpfs now (and is not just starting: a reference younger than STARTING counts as held)."""
-        if time.time() - record.created_at > STARTING and self._mounter.holders(record.volume, record.mount_id) == []:
+        holds the tmpfs now: dockerd mounts an ID again only for a running container (which holds it) or for
+        one it restarts (which does not yet); a container that is not running has no mount ID."""
+        if self._mounter.holders(record.volume, record.mount_id) == []:
             log.warning(
                 "mount %s of volume %s was mounted again while no container holds it: its %d earlier reference(s) "
                 "are stale (dockerd restarted after a crash?), counting one",
@@ -253,13 +253,15 @@ class Driver:
             record = MountRecord(name, mount_id, 0, str(view), child.token, child.accessor, time.time())
         self._record_mount(record)
         try:
-            token_ttl, fetched = self._extend_and_fetch(child, record.token, spec)
-            for source, secret in fetched.items():
-                if secret.lease_id:
-                    self._store.set_lease(name, mount_id, str(source), secret.lease_id)
+            # Each lease recorded as it comes: if another read fails, teardown still knows what to revoke.
+            token_ttl, fetched = self._extend_and_fetch(child, record.token, spec, record=record)
+            if not record.owns_token and any(secret.lease_id for secret in fetched.values()):
+                self._check_may_revoke_leases(record.token, name)
             files = render_files(spec, {source: secret.data for source, secret in fetched.items()})
             if spec.token_file is not None:
-                record, files[spec.token_file] = self._container_token(record, parent, spec, meta)
+                accessor, files[spec.token_file] = self._container_token(parent, spec, meta)
+                record = dataclasses.replace(record, container_token_accessor=accessor)
+                self._store.set_container_token_accessor(name, mount_id, accessor)
             self._mounter.mount(name, mount_id, files, uid=spec.uid, gid=spec.gid, mode=spec.mode, size=spec.size)
             self._store.set_refcount(name, mount_id, 1)
         except BaseException:
@@ -312,18 +314,36 @@ class Driver:
         )
         return child
 
-    def _extend_and_fetch(self, child: IssuedToken | None, token: str, spec: Spec) -> tuple[int, dict[Source, Fetched]]:
+    def _extend_and_fetch(
+        self, child: IssuedToken | None, token: str, spec: Spec, *, record: MountRecord | None = None
+    ) -> tuple[int, dict[Source, Fetched]]:
         """Read every source with `token` while extending it (when it is the mount's own, `child`): the
-        extension costs no round trip of its own. Returns the token's TTL and the secrets."""
-        calls: list[Callable[[], object]] = [
-            functools.partial(self._vault.fetch, token, s.path, s.params) for s in spec.sources
-        ]
+        extension costs no round trip of its own. Returns the token's TTL and the secrets. With `record`,
+        each lease is recorded for that mount as soon as its read returns."""
+        calls: list[Callable[[], object]] = [functools.partial(self._fetch, token, s, record) for s in spec.sources]
         if child is not None:
             calls.append(functools.partial(self._extend, child, spec.ttl))
         results = self._vault.concurrently(calls)
         # The calls are the fetches (Fetched), then the extension (its TTL, an int) when there is one.
         token_ttl = cast(int, results.pop()) if child is not None else spec.ttl
         return token_ttl, dict(zip(spec.sources, cast(builtins.list[Fetched], results), strict=True))
+
+    def _fetch(self, token: str, source: Source, record: MountRecord | None) -> Fetched:
+        fetched = self._vault.fetch(token, source.path, source.params)
+        if record is not None and fetched.lease_id:
+            self._store.set_lease(record.volume, record.mount_id, str(source), fetched.lease_id)
+        return fetched
+
+    def _check_may_revoke_leases(self, token: str, volume: str) -> None:
+        """A token shared by a volume's mounts cannot be revoked at Unmount: each of a mount's leases is, with
+        that token's right on sys/leases/revoke. Without it, the leases would outlive the container."""
+        if not self._vault.capabilities(token, "sys/leases/revoke") & {"update", "sudo", "root"}:
+            raise VaultError(
+                f"volume {volume} reads dynamic secrets with a token shared by its mounts, which may not revoke "
+                "their leases when a container stops: give the wrapped token the right to mint child tokens "
+                '(path "auth/token/create" { capabilities = ["update"] }), or to revoke leases '
+                '(path "sys/leases/revoke" { capabilities = ["update"] })'
+            )
 
     def _extend(self, child: IssuedToken, ttl: int) -> int:
         """Extend a provisional token (now recorded, so revoked if the Mount fails) to the volume's `ttl`.
@@ -332,10 +352,9 @@ class Driver:
             return child.ttl
         return self._vault.renew_self(child.token, increment=ttl).ttl
 
-    def _container_token(
-        self, record: MountRecord, parent: str, spec: Spec, meta: dict[str, str]
-    ) -> tuple[MountRecord, bytes]:
+    def _container_token(self, parent: str, spec: Spec, meta: dict[str, str]) -> tuple[str, bytes]:
         """Mint a token for the container itself, wrapped: the plugin only ever holds the wrapping token.
+        Returns its accessor and the token-file's content.
 
         The inner token is revoked by accessor at Unmount, which needs that right on the parent.
         """
@@ -349,18 +368,16 @@ class Driver:
             spec.role,
             spec.ttl,
             {**meta, "purpose": "token-file"},
-            display_name=f"vault-secrets-{record.volume}-container"[:100],
+            display_name=f"vault-secrets-{meta['volume']}-container"[:100],
             wrap_ttl=TOKEN_FILE_WRAP_TTL,
         )
-        record = dataclasses.replace(record, container_token_accessor=accessor)
-        self._store.set_container_token_accessor(record.volume, record.mount_id, accessor)
         audit.info(
             "token.mint %s %s (token-file)",
-            record.volume,
-            record.mount_id,
-            extra={"event": "token.mint", "volume": record.volume, "mount_id": record.mount_id, "accessor": accessor},
+            meta["volume"],
+            meta["mount_id"],
+            extra={"event": "token.mint", "volume": meta["volume"], "mount_id": meta["mount_id"], "accessor": accessor},
         )
-        return record, wrapping.encode()
+        return accessor, wrapping.encode()
 
     def unmount(self, name: str, mount_id: str) -> None:
         """Drop one reference; the last one revokes the mount's tokens and removes the tmpfs. Unknown IDs are fine."""
@@ -376,6 +393,85 @@ class Driver:
                 self._teardown(record)
         audit.info("unmount %s %s", name, mount_id, extra={"event": "unmount", "volume": name, "mount_id": mount_id})
 
+    # -- a running mount's token replaced ---------------------------------------------------------
+
+    def replace_token(self, volume: str, mount_id: str, *, reason: str, container_token: bool = False) -> bool:
+        """Give a running mount a new token from its parent (the volume's credential, or the identity as it is
+        now) and its secrets anew under it: the files are swapped, then the old token, and with it every lease
+        it created, is revoked after `rotate-grace` (owed durably from then on). With `container_token`, a
+        token-file gets a new wrapped token too, and the container's old token goes the same way.
+
+        This is how a lease at its max TTL is re-issued (a mount's token may revoke itself, not a lease), and
+        how bootstrap moves running mounts to a new identity. Returns False when there is nothing to replace
+        (the mount ended, or its token is its volume's). Raises like Mount; the mount then keeps its old
+        token, files and leases, and its upkeep goes on."""
+        with self._hold((volume, mount_id)):
+            record = self._store.mount(volume, mount_id)
+            if record is None or not record.refcount or not record.owns_token or record.revoked or record.unreadable:
+                return False
+            spec = parse_spec(self._require_volume(volume).options)
+            credential = self._store.volume_credential(volume)
+            with retry.budget(self._mount_timeout):
+                parent = credential.token if credential else self._identity.token()
+                new, fetched, token_ttl, written = self._reissue(record, parent, spec, container_token)
+            self._start_upkeep(new, spec, fetched, token_ttl)
+        where = {"volume": volume, "mount_id": mount_id}
+        self._revoker.revoke_later(OwedRevocation(record.accessor, record.token), spec.rotate_grace, **where)
+        if container_token and record.container_token_accessor:
+            old = OwedRevocation(record.container_token_accessor, parent, "accessor")
+            self._revoker.revoke_later(old, spec.rotate_grace, **where)
+        audit.info(
+            "token.replace %s %s (%s)",
+            volume,
+            mount_id,
+            reason,
+            extra={"event": "token.replace", **where, "accessor": new.accessor, "replaced": record.accessor},
+        )
+        if written and spec.notify and self._notify is not None:
+            notify_changed(self._notify, new, spec.notify)
+        return True
+
+    def _reissue(
+        self, record: MountRecord, parent: str, spec: Spec, container_token: bool
+    ) -> tuple[MountRecord, dict[Source, Fetched], int, builtins.list[str]]:
+        """Mint, fetch, render, then swap the files and the record: the work of `replace_token` (under the
+        mount's lock). Returns the new record, the secrets, the new token's TTL and the files rewritten."""
+        meta = {"volume": record.volume, "mount_id": record.mount_id, "host": self._hostname}
+        where = {"volume": record.volume, "mount_id": record.mount_id}
+        child = self._mint(parent, spec, meta)
+        new = dataclasses.replace(record, token=child.token, accessor=child.accessor)
+        try:
+            token_ttl, fetched = self._extend_and_fetch(child, child.token, spec)
+            files = render_files(spec, {source: secret.data for source, secret in fetched.items()})
+            if container_token and spec.token_file is not None:
+                accessor, files[spec.token_file] = self._container_token(parent, spec, meta)
+                new = dataclasses.replace(new, container_token_accessor=accessor)
+            self._stop_upkeep(record)  # the old token's upkeep writes nothing more
+            try:
+                written = self._mounter.rewrite(
+                    record.volume, record.mount_id, files, uid=spec.uid, gid=spec.gid, mode=spec.mode
+                )
+                leases = {str(source): secret.lease_id for source, secret in fetched.items() if secret.lease_id}
+                self._store.replace_mount_token(new, leases)
+            except BaseException:
+                self._start_upkeep(record, spec)  # the old token and files go on serving
+                raise
+        except BaseException:
+            self._revoker.revoke(child.accessor, child.token, **where)
+            if new.container_token_accessor != record.container_token_accessor and new.container_token_accessor:
+                self._revoker.revoke_by_accessor(new.container_token_accessor, parent, **where)
+            raise
+        return new, fetched, token_ttl, written
+
+    def _replace_expiring(self, volume: str, mount_id: str) -> None:
+        """For the upkeep: a lease (or the token) reached its max TTL; runs in the scheduler's thread."""
+        self.replace_token(volume, mount_id, reason="a lease or the token reached its max TTL")
+
+    def _stop_upkeep(self, record: MountRecord) -> None:
+        upkeep = self._upkeeps.pop((record.volume, record.mount_id), None)
+        if upkeep is not None:
+            upkeep.stop()
+
     def _start_upkeep(
         self, record: MountRecord, spec: Spec, fetched: dict[Source, Fetched] | None = None, token_ttl: int = 0
     ) -> None:
@@ -388,9 +484,13 @@ class Driver:
             store=self._store,
             mounter=self._mounter,
             scheduler=self._scheduler,
+            revoker=self._revoker,
             fetched=fetched,
             notify=self._notify,
             token_ttl=token_ttl,
+            replace=functools.partial(self._replace_expiring, record.volume, record.mount_id)
+            if record.owns_token
+            else None,
         )
         self._upkeeps[(record.volume, record.mount_id)] = upkeep
         upkeep.start(resumed=fetched is None)
@@ -404,9 +504,7 @@ class Driver:
 
     def _revoke_mount(self, record: MountRecord) -> None:
         """Stop the mount's upkeep and revoke its tokens (the container's too), and so its leases."""
-        upkeep = self._upkeeps.pop((record.volume, record.mount_id), None)
-        if upkeep is not None:
-            upkeep.stop()
+        self._stop_upkeep(record)
         where = {"volume": record.volume, "mount_id": record.mount_id}
         leases = self._store.leases(record.volume, record.mount_id).values()
         # The parent (an unsealed credential, or the identity) is needed only to revoke the container's
@@ -420,6 +518,9 @@ class Driver:
             )
         elif record.owns_token and self._revoker.revoke(record.accessor, record.token, **where):
             self._revoker.confirm_leases_gone(leases, parent, **where)
+        elif not record.owns_token:  # the volume's token lives on: each lease goes on its own
+            for lease_id in leases:
+                self._revoker.revoke_lease(lease_id, record.token, **where)
 
     # -- recovery -------------------------------------------------------------------------------
 

@@ -23,13 +23,15 @@ class IssuedToken:
 
 @dataclasses.dataclass(frozen=True)
 class Fetched:
-    """A secret as Vault answered it: its data, and its lease (dynamic secrets) or KV v2 version."""
+    """A secret as Vault answered it: its data, and its lease (dynamic secrets) or KV v2 version, or, for a
+    credential without a lease that expires (a PKI certificate), when it expires (seconds since the epoch)."""
 
     data: Mapping[str, Any] = dataclasses.field(repr=False)
     lease_id: str | None = None
     lease_duration: int = 0
     renewable: bool = False
     version: int | None = None
+    expires_at: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,3 +98,18 @@ class IdentityRecord:
     token: str = dataclasses.field(repr=False)
     accessor: str
     obtained_at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class OwedRevocation:
+    """A revocation Vault could not take yet, or that is due only later (`not_before`, seconds since the
+    epoch: an old credential lives for rotate-grace after its replacement).
+
+    `kind`: "token" revokes `token` itself (and its children and leases; `key` is its accessor); "accessor"
+    revokes the token behind accessor `key` with `token`'s right to; "lease" revokes lease `key` with `token`.
+    """
+
+    key: str
+    token: str = dataclasses.field(repr=False)
+    kind: str = "token"
+    not_before: float = 0.0

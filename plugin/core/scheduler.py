@@ -2,8 +2,9 @@
 
 A task runs at its deadline and says when it must run again (`Again`) or that it is done (None). The
 renewal policy lives here: renew at about two thirds of a TTL, with jitter so that mounts made together
-do not renew together. A task that cannot reach Vault is retried with capped backoff for as long as
-what it keeps alive lives; a task Vault refuses for good is dropped with a warning.
+do not renew together. A task that fails (Vault unreachable, a refusal, files that cannot be written) is
+retried with capped backoff for as long as what it keeps alive lives: the old secret serves meanwhile.
+Only a task whose token Vault says is gone (`TokenInvalidError`) is dropped at once, with a warning.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from collections.abc import Callable, Hashable
 from typing import cast
 
-from plugin.core.errors import PluginError, VaultTransientError
+from plugin.core.errors import PluginError, TokenInvalidError
 from plugin.core.metrics import RENEWAL_FAILURES, RENEWALS
 from plugin.core.ports import VaultPort
 from plugin.core.retry import backoff
@@ -111,14 +112,14 @@ class Scheduler:
     def _run(self, key: Hashable, entry: _Entry) -> None:
         try:
             again = entry.task()
-        except VaultTransientError as e:
-            self._retry(key, entry, e)
-            return
-        except PluginError as e:
+        except TokenInvalidError as e:  # what it keeps alive is gone: nothing to retry
             if _renewal_kind(key):
                 RENEWAL_FAILURES.labels(_renewal_kind(key)).inc()
             log.warning("dropping %s: %s", _describe(key), e)
             self._forget(key, entry)
+            return
+        except PluginError as e:
+            self._retry(key, entry, e)
             return
         except Exception:  # a bug in one task must not stop every renewal
             log.exception("dropping %s after an unexpected error", _describe(key))

@@ -101,19 +101,27 @@ class TmpfsMounter(Mounter):
     def rewrite(
         self, volume: str, mount_id: str, files: Mapping[str, bytes], *, uid: int, gid: int, mode: int
     ) -> list[str]:
-        """Replace the files whose content changed, each atomically; returns the names written."""
+        """Replace the files whose content changed; returns the names written. All or none: every new file is
+        written in full beside the old one first, then each is renamed over it, so a tmpfs too full for the new
+        secrets leaves every old file in place (and no temp file)."""
         data = self._root / volume / mount_id / "data"
-        written = []
         try:
             with _tmpfs_root(data) as root:
-                for name, content in files.items():
-                    if _read(root, name) == content:
-                        continue
-                    write_atomically(root, name, content, uid=uid, gid=gid, mode=mode)
-                    written.append(name)
+                changed = [name for name, content in files.items() if _read(root, name) != content]
+                staged: list[str] = []
+                try:
+                    for name in changed:
+                        staged.append(_stage(root, name, files[name], uid=uid, gid=gid, mode=mode))
+                except BaseException:
+                    for temp in staged:
+                        with contextlib.suppress(OSError):
+                            os.unlink(temp, dir_fd=root)
+                    raise
+                for name, temp in zip(changed, staged, strict=True):
+                    os.rename(temp, name, src_dir_fd=root, dst_dir_fd=root)
         except OSError as e:
             raise MountError(_failure(f"could not update the files of volume {volume}", e, files, None)) from e
-        return written
+        return changed
 
     def wipe(self, volume: str, mount_id: str) -> None:
         """Delete every file of a mount, leaving its (now empty) tmpfs mounted for the running container."""
@@ -185,6 +193,18 @@ def write_atomically(root: int, name: str, content: bytes, *, uid: int, gid: int
     """Write `name` in the directory `root` (a descriptor) via a temp file renamed over it: readers see the
     old or the new file, whole. An `OSError` names the file (calls on a descriptor, such as a write that
     finds the tmpfs full, do not)."""
+    temp = _stage(root, name, content, uid=uid, gid=gid, mode=mode)
+    try:
+        os.rename(temp, name, src_dir_fd=root, dst_dir_fd=root)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(temp, dir_fd=root)
+        raise OSError(e.errno, e.strerror, name) from e
+
+
+def _stage(root: int, name: str, content: bytes, *, uid: int, gid: int, mode: int) -> str:
+    """Write `content` to a temp file for `name` in `root`, owned and moded already; returns the temp's name.
+    On failure nothing is left, and the `OSError` names `name`."""
     temp = f".{name}.tmp"
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=root)
@@ -196,7 +216,6 @@ def write_atomically(root: int, name: str, content: bytes, *, uid: int, gid: int
                 view = view[os.write(fd, view) :]
         finally:
             os.close(fd)
-        os.rename(temp, name, src_dir_fd=root, dst_dir_fd=root)
     except OSError as e:
         # A part-written temp file would be visible (and readable) in the container's view: never leave one.
         with contextlib.suppress(OSError):
@@ -204,6 +223,7 @@ def write_atomically(root: int, name: str, content: bytes, *, uid: int, gid: int
         if e.filename is None:
             raise OSError(e.errno, e.strerror, name) from e
         raise
+    return temp
 
 
 def _failure(what: str, error: OSError, files: Mapping[str, bytes], size: int | None) -> str:

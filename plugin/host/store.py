@@ -22,12 +22,13 @@ from plugin.core.ports import IdentityStore, StorePort
 from plugin.core.records import (
     IdentityRecord,
     MountRecord,
+    OwedRevocation,
     VolumeCredential,
     VolumeRecord,
 )
 from plugin.host.seal import Sealer
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE volumes (
     name TEXT PRIMARY KEY,
@@ -88,9 +89,17 @@ CREATE TABLE pending_secret_id (
     since REAL NOT NULL
 );
 """
+# An owed revocation is of a token (revoke-self), of a token by accessor, or of a lease (sys/leases/revoke),
+# and may be due only later: an old credential lives on for rotate-grace after its replacement.
+# (`by_accessor` is kept for the plugin versions before, which read it.)
+_OWED_KINDS = """
+ALTER TABLE pending_revocations ADD COLUMN kind TEXT NOT NULL DEFAULT 'token';
+UPDATE pending_revocations SET kind = 'accessor' WHERE by_accessor = 1;
+ALTER TABLE pending_revocations ADD COLUMN not_before REAL NOT NULL DEFAULT 0;
+"""
 # MIGRATIONS[v] takes a database at schema version v to v + 1 (version 0 is a new, empty file). A schema
 # change appends its step here and raises SCHEMA_VERSION: existing state is carried forward, never recreated.
-MIGRATIONS: tuple[str, ...] = (_SCHEMA, _PENDING_SECRET_ID)
+MIGRATIONS: tuple[str, ...] = (_SCHEMA, _PENDING_SECRET_ID, _OWED_KINDS)
 
 
 class Store(StorePort, IdentityStore):
@@ -248,6 +257,21 @@ class Store(StorePort, IdentityStore):
                 (accessor, volume, mount_id),
             )
 
+    def replace_mount_token(self, record: MountRecord, leases: dict[str, str]) -> None:
+        """A running mount's new token (and container token) and leases, in one step: they replace the old."""
+        sealed = self._sealer.seal(record.token, _mount_context(record.volume, record.mount_id))
+        where = (record.volume, record.mount_id)
+        with self._transaction():
+            self._db.execute(
+                "UPDATE mounts SET token = ?, accessor = ?, container_token_accessor = ? WHERE volume = ? AND mount_id = ?",
+                (sealed, record.accessor, record.container_token_accessor, *where),
+            )
+            self._db.execute("DELETE FROM leases WHERE volume = ? AND mount_id = ?", where)
+            self._db.executemany(
+                "INSERT INTO leases (volume, mount_id, source, lease_id) VALUES (?, ?, ?, ?)",
+                [(*where, source, lease_id) for source, lease_id in leases.items()],
+            )
+
     def active_mountpoints(self, volume: str) -> list[str]:
         """Where the volume's active mounts are, oldest first (no token is unsealed for this)."""
         with self._lock:
@@ -387,27 +411,27 @@ class Store(StorePort, IdentityStore):
 
     # -- revocations that could not reach Vault -------------------------------------------------
 
-    def add_pending_revocation(self, accessor: str, token: str, *, by_accessor: bool = False) -> None:
-        """Owe Vault the revocation of the token behind `accessor`: with `token` itself (revoke-self), or
-        with `token`'s right to revoke by accessor when `by_accessor` (a token the plugin never held)."""
-        sealed = self._sealer.seal(token, f"revoke:{accessor}")
+    def add_pending_revocation(self, owed: OwedRevocation) -> None:
+        """Owe Vault a revocation (see `OwedRevocation`); one already owed under the same key is replaced."""
+        sealed = self._sealer.seal(owed.token, f"revoke:{owed.key}")
         with self._transaction(durable=True):
             self._db.execute(
-                "INSERT OR REPLACE INTO pending_revocations (accessor, token, by_accessor, since) VALUES (?, ?, ?, ?)",
-                (accessor, sealed, by_accessor, time.time()),
+                "INSERT OR REPLACE INTO pending_revocations (accessor, token, by_accessor, since, kind, not_before)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (owed.key, sealed, owed.kind == "accessor", time.time(), owed.kind, owed.not_before),
             )
 
-    def pending_revocations(self) -> list[tuple[str, str, bool]]:
-        """(accessor, token, by_accessor) of revocations still owed to Vault, oldest first."""
+    def pending_revocations(self) -> list[OwedRevocation]:
+        """The revocations still owed to Vault, oldest first (due or not: see `not_before`)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT accessor, token, by_accessor FROM pending_revocations ORDER BY since"
+                "SELECT accessor, token, kind, not_before FROM pending_revocations ORDER BY since"
             ).fetchall()
-        return [(acc, self._sealer.unseal(tok, f"revoke:{acc}"), bool(by)) for acc, tok, by in rows]
+        return [OwedRevocation(key, self._sealer.unseal(tok, f"revoke:{key}"), kind, nb) for key, tok, kind, nb in rows]
 
-    def remove_pending_revocation(self, accessor: str) -> None:
+    def remove_pending_revocation(self, key: str) -> None:
         with self._transaction():
-            self._db.execute("DELETE FROM pending_revocations WHERE accessor = ?", (accessor,))
+            self._db.execute("DELETE FROM pending_revocations WHERE accessor = ?", (key,))
 
     @contextlib.contextmanager
     def _transaction(self, *, durable: bool = False) -> Iterator[None]:

@@ -20,6 +20,7 @@ import hvac.exceptions
 
 from plugin.core import retry
 from plugin.core.errors import (
+    PermissionDeniedError,
     TLSError,
     TokenInvalidError,
     VaultError,
@@ -277,12 +278,14 @@ class Vault(VaultPort):
             if data["data"] is None:
                 raise VaultError(f"the current version of {path} is deleted: write a new version or undelete it")
             data, version = data["data"], data["metadata"].get("version")
+        lease_id = response.get("lease_id") or None
         return Fetched(
             data,
-            response.get("lease_id") or None,
+            lease_id,
             int(response.get("lease_duration") or 0),
             bool(response.get("renewable")),
             version,
+            None if lease_id else _expiration(data),
         )
 
     def fetch_many(self, token: str, requests_: Sequence[tuple[str, tuple[tuple[str, str], ...]]]) -> list[Fetched]:
@@ -332,7 +335,8 @@ class Vault(VaultPort):
         return int(response["lease_duration"])
 
     def revoke_lease(self, token: str, lease_id: str) -> None:
-        """Revoke a lease. A lease Vault no longer knows counts as revoked."""
+        """Revoke a lease (Vault takes an unknown lease ID as revoked). Raises `PermissionDeniedError` when
+        `token` may not: a refusal is never taken for success."""
         try:
             self._http.call(
                 "revoke_lease", "revoke a lease", lambda t: self._http.client(token, t).sys.revoke_lease(lease_id)
@@ -340,8 +344,12 @@ class Vault(VaultPort):
         except (VaultTransientError, TLSError):
             raise
         except VaultError as e:
-            if not isinstance(e.__cause__, (hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden)):
-                raise
+            if isinstance(e.__cause__, hvac.exceptions.Forbidden):
+                raise PermissionDeniedError(
+                    f"Vault denied revoking lease {lease_id}: the token's policy needs "
+                    'path "sys/leases/revoke" { capabilities = ["update"] }'
+                ) from e
+            raise
 
     @_answer_read
     def lease_ttl(self, token: str, lease_id: str) -> int | None:
@@ -403,3 +411,10 @@ def _minting(role: str | None) -> str:
 def _is_kv2(path: str, data: Mapping[str, Any]) -> bool:
     """KV v2 answers `{data, metadata}` under a `<mount>/data/...` path."""
     return "/data/" in f"/{path}" and set(data) == {"data", "metadata"} and isinstance(data["metadata"], dict)
+
+
+def _expiration(data: Mapping[str, Any]) -> float | None:
+    """When a credential without a lease stops being valid, if its answer says (PKI issue/sign: `expiration`,
+    seconds since the epoch)."""
+    expiration = data.get("expiration")
+    return float(expiration) if isinstance(expiration, int | float) and not isinstance(expiration, bool) else None

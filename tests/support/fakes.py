@@ -15,6 +15,7 @@ from plugin.core.driver import Driver
 from plugin.core.errors import (
     IdentityUnavailableError,
     MountError,
+    PermissionDeniedError,
     TokenInvalidError,
     VaultError,
     VaultTransientError,
@@ -49,6 +50,7 @@ class FakeVault(VaultPort):
         self.leases: dict[str, str] = {}  # lease ID -> token that created it
         self.lease_renewal_ttl = 3600
         self.unavailable = False
+        self.lease_revokers: set[str] = set()  # tokens whose policy grants sys/leases/revoke
         self.denied_paths: set[str] = set()
         self._ids = itertools.count(1)
 
@@ -94,7 +96,10 @@ class FakeVault(VaultPort):
         return self.lease_renewal_ttl
 
     def revoke_lease(self, token: str, lease_id: str) -> None:
+        """Like Vault with the docs' policies: only tokens given sys/leases/revoke (`lease_revokers`) may."""
         self._check()
+        if token not in self.lease_revokers:
+            raise PermissionDeniedError(f"Vault denied revoking lease {lease_id}: permission denied")
         self.leases.pop(lease_id, None)
 
     def lease_exists(self, token: str, lease_id: str) -> bool:
@@ -136,6 +141,8 @@ class FakeVault(VaultPort):
             raise TokenInvalidError(
                 "Vault says the token is not valid (could not check capabilities): permission denied"
             )
+        if path == "sys/leases/revoke":
+            return {"update"} if token in self.lease_revokers else {"deny"}
         return {"update"} if path.startswith(("auth/token/create", "auth/token/revoke-accessor")) else {"deny"}
 
     def revoke_self(self, token: str) -> None:
