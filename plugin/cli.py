@@ -290,6 +290,17 @@ def bootstrap(wrapped_secret_id_file: IO[str], state_dir: Path, control_socket: 
     click.echo("handing the wrapped SecretID to the running plugin ...", err=True)
     reply = _control(state_dir, control_socket, "Bootstrap", {"WrappingToken": token})
     click.echo(f"plugin identity established (accessor {reply['Accessor']}, ttl {reply['TTL']}s)")
+    if "Moved" in reply:
+        click.echo(f"{reply['Moved']} running mount(s) moved to it, each with a new token and its secrets anew")
+        for failure in reply["Failed"]:
+            click.echo(f"could not move {failure}", err=True)
+        if reply["PreviousRevoked"]:
+            click.echo("the previous identity is revoked")
+        else:
+            raise click.ClickException(
+                "the previous identity was left unrevoked, as some mounts still depend on it: fix the cause above "
+                "and run bootstrap again with a new wrapped SecretID"
+            )
 
 
 @main.command()

@@ -15,7 +15,7 @@ from plugin.core.errors import (
     VolumeInUseError,
     VolumeNotFoundError,
 )
-from plugin.core.records import MountRecord
+from plugin.core.records import IssuedToken, MountRecord
 from plugin.core.scheduler import Scheduler
 from tests.support.fakes import OPTIONS, driver_over_fakes
 
@@ -456,3 +456,46 @@ def test_a_remount_counts_a_reference_when_holders_cannot_be_told(driver, store,
     mounter.held = None
     driver.mount("web", "a1")
     assert store.mount("web", "a1").refcount == 2
+
+
+def test_a_replacement_that_cannot_write_keeps_the_old_token_files_and_lease_and_is_retried(
+    driver, vault, mounter, scheduler, clock, store, monkeypatch
+):
+    vault.dynamic["database/creds/app"] = 600
+    driver.create("db", DB)
+    driver.mount("db", "a1")
+    old = store.mount("db", "a1")
+    vault.lease_renewal_ttl = 100  # capped: re-issued at once
+    rewrite = mounter.rewrite
+
+    def full(*args, **kwargs):
+        raise MountError("could not update the files of volume db: file user does not fit")
+
+    monkeypatch.setattr(mounter, "rewrite", full)
+    clock.advance(600 * 0.6)
+    scheduler.run_due()
+    assert store.mount("db", "a1").accessor == old.accessor, "the old token serves on"
+    assert mounter.mounted[("db", "a1")]["files"]["user"] == b"user-2"
+    assert set(vault.live.values()) == {old.accessor}, "the new token was revoked"
+    assert store.leases("db", "a1") == {"database/creds/app": "database/creds/app/lease-2"}
+    monkeypatch.setattr(mounter, "rewrite", rewrite)  # room again: the retry succeeds
+    clock.advance(60)
+    scheduler.run_due()
+    assert store.mount("db", "a1").accessor != old.accessor
+    assert mounter.mounted[("db", "a1")]["files"]["user"] != b"user-2"
+
+
+def test_retiring_an_identity_keeps_it_while_a_mount_cannot_move(driver, vault, mounter, store):
+    """Revoking the old identity would revoke the token of a mount still under it: it is kept, and named."""
+    vault.live["old-identity"] = "old-accessor"
+    for mount_id in ("a1", "b2"):
+        driver.mount("web", mount_id)
+    vault.denied_paths.add("secret/data/web/db")  # the new token cannot read: b2's move fails (a1's too)
+    result = driver.retire_identity(IssuedToken("old-identity", "old-accessor", 3600, True))
+    assert result["Moved"] == 0 and len(result["Failed"]) == 2 and result["PreviousRevoked"] is False
+    assert "old-identity" in vault.live and {store.mount("web", m).accessor for m in ("a1", "b2")} == {"acc-1", "acc-2"}
+    vault.denied_paths.clear()
+    result = driver.retire_identity(IssuedToken("old-identity", "old-accessor", 3600, True))
+    assert result == {"Moved": 2, "Failed": [], "PreviousRevoked": True}
+    assert "old-identity" not in vault.live
+    assert mounter.mounted[("web", "a1")]["files"]["pw"] == b"hunter2"

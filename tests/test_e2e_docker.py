@@ -4,12 +4,13 @@ OpenBao holds the secrets, and containers run as a non-root user."""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 
 import pytest
 
 from tests.conftest import SECRET, live_tmpfs_below
-from tests.support.plugin import held_tokens
+from tests.support.plugin import held_tokens, open_state, plugin_command
 
 pytestmark = [pytest.mark.docker, pytest.mark.openbao]
 
@@ -258,3 +259,53 @@ def test_notify_signals_only_the_container_whose_files_changed(docker, plugin, b
         assert (hups(first), hups(second)) == (1, 0)
     finally:
         docker.docker("rm", "-f", first, second, check=False)
+
+
+def test_bootstrap_moves_running_containers_to_the_new_identity_then_revokes_the_old(
+    docker, plugin, bao, databases, unique_name, short_tmp
+):
+    """A compromised identity is replaced by bootstrap: the 3 running containers keep working, each with a
+    new token from the new identity and new database credentials, and the old identity is revoked."""
+    create_volume(docker, plugin, unique_name, "secret.user=db/creds/app#username", "secret.pw=db/creds/app#password")
+    containers = [
+        docker.docker(
+            "run", "-d", "--network", "none", "--user", "1000", "-v", f"{unique_name}:/run/secrets",
+            docker.image, "sleep", "600",
+        ).stdout.strip()
+        for _ in range(3)
+    ]  # fmt: skip
+
+    try:
+        before = {c: docker.docker("exec", c, "cat", "/run/secrets/user").stdout for c in containers}
+        state = open_state(short_tmp / "state")
+        try:
+            old = state.identity().accessor
+        finally:
+            state.close()
+        old_tokens = bao.accessors_with_meta(volume=unique_name)
+        assert len(old_tokens) == 3
+        wrapped = bao.write_wrapped_secret_id(short_tmp / "rotated")
+        done = subprocess.run(
+            [plugin_command(), "bootstrap", "--wrapped-secret-id-file", str(wrapped), "--state-dir", str(short_tmp / "state")],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "3 running mount(s) moved" in done.stdout and "previous identity is revoked" in done.stdout
+        assert not bao.token_valid(old), "the old identity is revoked"
+        assert not any(bao.token_valid(a) for a in old_tokens), "and with it the old mount tokens"
+        for container in containers:
+            user = docker.docker("exec", container, "cat", "/run/secrets/user").stdout
+            password = docker.docker("exec", container, "cat", "/run/secrets/pw").stdout
+            assert user != before[container] and databases.pg.can_login(user, password)
+            assert not databases.pg.role_exists(before[container]), "the old credentials went with the old identity"
+        new_tokens = bao.accessors_with_meta(volume=unique_name)
+        assert len(new_tokens) == 3 and not set(new_tokens) & set(old_tokens)
+        state = open_state(short_tmp / "state")
+        try:
+            new = state.identity().accessor
+        finally:
+            state.close()
+        bao.root.auth.token.revoke_accessor(new)  # the new tokens descend from the new identity: they go with it
+        assert not any(bao.token_valid(a) for a in new_tokens), "the mounts' tokens are children of the new identity"
+    finally:
+        docker.docker("rm", "-f", *containers, check=False)

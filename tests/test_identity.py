@@ -11,7 +11,7 @@ import pytest
 
 from plugin.core import retry
 from plugin.core.errors import IdentityUnavailableError
-from plugin.core.records import IdentityRecord
+from plugin.core.records import IdentityRecord, IssuedToken
 from plugin.vault.identity import Identity
 
 
@@ -105,3 +105,36 @@ def test_an_unexpected_error_does_not_end_the_identity_loop(vault, store, sealed
     finally:
         stop.set()
         thread.join(5)
+
+
+def test_bootstrap_waits_for_a_renewal_in_flight_which_cannot_put_the_old_identity_back(
+    vault, store, sealed, monkeypatch
+):
+    identity = make(vault, store)
+    identity.establish()
+    renewing, release = threading.Event(), threading.Event()
+    renew = vault.renew_self
+
+    def slow_renewal(token: str, increment: int | None = None) -> IssuedToken:
+        renewing.set()
+        assert release.wait(5)
+        return renew(token, increment)
+
+    monkeypatch.setattr(vault, "renew_self", slow_renewal)
+    new = IssuedToken("new-token", "new-accessor", 3600, True)
+    monkeypatch.setattr(identity, "_unwrap_secret_id", lambda token, source: "secret-id")
+    monkeypatch.setattr(identity, "_login", lambda secret_id, source: new)
+    renewal = threading.Thread(target=identity._renew_or_establish)
+    renewal.start()
+    assert renewing.wait(5)
+    replaced: list[tuple[IssuedToken, IssuedToken | None]] = []
+    booting = threading.Thread(target=lambda: replaced.append(identity.bootstrap("wrapping-token")))
+    booting.start()
+    time.sleep(0.2)
+    assert replaced == [], "bootstrap waits for the renewal in flight"
+    release.set()
+    renewal.join(5)
+    booting.join(5)
+    assert identity.token() == "new-token", "the renewal of the old identity did not put it back"
+    ((issued, previous),) = replaced
+    assert issued is new and previous is not None and previous.accessor == "plugin-accessor"

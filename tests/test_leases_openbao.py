@@ -218,3 +218,58 @@ def test_a_short_certificate_is_replaced_before_it_expires_even_without_refresh(
     assert second.not_valid_after_utc.timestamp() > replaced_at + 5, "by a valid new one"
     assert "(retried)" not in plugin.log()
     plugin.client.ok("VolumeDriver.Unmount", {"Name": "short-tls", "ID": MOUNT_ID})
+
+
+@pytest.mark.parametrize("breakage", ["template error", "full tmpfs"])
+def test_a_rewrite_that_fails_keeps_the_old_files_and_succeeds_once_the_cause_is_gone(start_plugin, bao, breakage):
+    kv = bao.root.secrets.kv.v2
+    path = f"web/breaks-{breakage.replace(' ', '-')}"
+    kv.create_or_update_secret(path=path, secret={"name": "one", "blob": "small"})
+    plugin = start_plugin()
+    source = f"secret/data/{path}"
+    options = {
+        "role": "web",
+        "template.greeting": f'hello {{{{ secret("{source}").name }}}}',
+        "secret.blob": f"{source}#blob",
+        "refresh": "5s",
+        "size": "16k",
+    }
+    plugin.client.ok("VolumeDriver.Create", {"Name": "breaks", "Opts": options})
+    view = plugin.client.ok("VolumeDriver.Mount", {"Name": "breaks", "ID": MOUNT_ID})["Mountpoint"]
+    assert (read(view, "greeting"), read(view, "blob")) == ("hello one", "small")
+    if breakage == "template error":
+        kv.create_or_update_secret(path=path, secret={"blob": "changed"})  # the template's field is gone
+        failure = "name"
+    else:
+        kv.create_or_update_secret(path=path, secret={"name": "two", "blob": "x" * 40_000})  # 40 kB in 16 kB
+        failure = "does not fit"
+    wait_for(lambda: failure in plugin.log() and "retrying" in plugin.log(), 15, "the rewrite to fail")
+    assert (read(view, "greeting"), read(view, "blob")) == ("hello one", "small"), "the old files serve on"
+    assert sorted(p.name for p in Path(view).iterdir()) == ["blob", "greeting"], "no temp file left"
+    kv.create_or_update_secret(path=path, secret={"name": "three", "blob": "fixed"})
+    wait_for(lambda: read(view, "greeting") == "hello three", 40, "the rewrite to succeed once fixed")
+    assert read(view, "blob") == "fixed"
+    plugin.client.ok("VolumeDriver.Unmount", {"Name": "breaks", "ID": MOUNT_ID})
+
+
+def test_a_volume_whose_mounts_share_its_token_revokes_their_database_roles_when_they_end(start_plugin, bao, databases):
+    """A wrapped token that cannot mint children is shared by the volume's mounts, so it is not revoked at
+    Unmount: each lease is, with its right on sys/leases/revoke (or the Mount says which right is missing)."""
+    bao.root.sys.create_or_update_policy("lease-revoker", 'path "sys/leases/revoke" { capabilities = ["update"] }\n')
+    plugin = start_plugin()
+
+    def create(name: str, *policies: str) -> None:
+        wrapping = bao.root.auth.token.create(policies=list(policies), ttl="1h", wrap_ttl="5m")["wrap_info"]["token"]
+        opts = {k: v for k, v in db_options().items() if k != "role"}
+        plugin.client.ok("VolumeDriver.Create", {"Name": name, "Opts": {"wrapped-token": wrapping, **opts}})
+
+    create("shared", "web", "lease-revoker")
+    view = plugin.client.ok("VolumeDriver.Mount", {"Name": "shared", "ID": MOUNT_ID})["Mountpoint"]
+    username = read(view, "username")
+    assert databases.pg.can_login(username, read(view, "password"))
+    plugin.client.ok("VolumeDriver.Unmount", {"Name": "shared", "ID": MOUNT_ID})
+    wait_for(lambda: not databases.pg.role_exists(username), 10, "the mount's database role to be revoked")
+
+    create("no-revoke", "web")
+    status, reply = plugin.client.call("VolumeDriver.Mount", {"Name": "no-revoke", "ID": MOUNT_ID})
+    assert "sys/leases/revoke" in reply["Err"] and "auth/token/create" in reply["Err"]

@@ -13,6 +13,7 @@ latency, not a failed container start.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -431,6 +432,35 @@ class Driver:
             notify_changed(self._notify, new, spec.notify)
         return True
 
+    def retire_identity(self, previous: IssuedToken) -> dict[str, object]:
+        """After bootstrap replaced the plugin identity by a new one: move every running mount whose token
+        descends from `previous` (volumes without a wrapped credential) to a new token from the new
+        identity, its files swapped (`replace_token`, token-files included), then revoke `previous`, and with it
+        whatever it issued that is left. If a mount cannot be moved, `previous` is left unrevoked (revoking it
+        would revoke that mount's token, and so its container's secrets): the answer names those mounts."""
+        moved, failed = 0, []
+        for record in self._store.mounts():
+            if not record.owns_token or not record.refcount or record.revoked or record.unreadable:
+                continue
+            if self._store.volume_credential(record.volume) is not None:
+                continue  # descends from the volume's wrapped credential, not from the identity
+            try:
+                if self.replace_token(record.volume, record.mount_id, reason="bootstrap", container_token=True):
+                    moved += 1
+            except PluginError as e:
+                failed.append(f"mount {record.mount_id} of volume {record.volume}: {e}")
+        if failed:
+            log.error(
+                "bootstrap: %d mount(s) could not move to the new identity, so the old one (accessor %s) was not "
+                "revoked: %s",
+                len(failed),
+                previous.accessor,
+                "; ".join(failed),
+            )
+        else:
+            self._revoker.revoke(previous.accessor, previous.token, reason="bootstrap")
+        return {"Moved": moved, "Failed": failed, "PreviousRevoked": not failed}
+
     def _reissue(
         self, record: MountRecord, parent: str, spec: Spec, container_token: bool
     ) -> tuple[MountRecord, dict[Source, Fetched], int, builtins.list[str]]:
@@ -446,16 +476,15 @@ class Driver:
             if container_token and spec.token_file is not None:
                 accessor, files[spec.token_file] = self._container_token(parent, spec, meta)
                 new = dataclasses.replace(new, container_token_accessor=accessor)
-            self._stop_upkeep(record)  # the old token's upkeep writes nothing more
-            try:
+            old_upkeep = self._upkeeps.get((record.volume, record.mount_id))
+            # The old upkeep writes nothing meanwhile, and stops once the new files and record are in place;
+            # if they cannot be, it goes on with the old token and files, and retries what asked for this.
+            with old_upkeep.handover() if old_upkeep is not None else contextlib.nullcontext():
                 written = self._mounter.rewrite(
                     record.volume, record.mount_id, files, uid=spec.uid, gid=spec.gid, mode=spec.mode
                 )
                 leases = {str(source): secret.lease_id for source, secret in fetched.items() if secret.lease_id}
                 self._store.replace_mount_token(new, leases)
-            except BaseException:
-                self._start_upkeep(record, spec)  # the old token and files go on serving
-                raise
         except BaseException:
             self._revoker.revoke(child.accessor, child.token, **where)
             if new.container_token_accessor != record.container_token_accessor and new.container_token_accessor:

@@ -17,10 +17,11 @@ once its files are written: a failed rewrite leaves the old files and leases ser
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from plugin.core.errors import PluginError, VaultError
 from plugin.core.ports import Mounter, StorePort, VaultPort
@@ -117,9 +118,21 @@ class MountUpkeep:
         """No more work for this mount: cancels what is scheduled and waits for a rewrite in progress, so that
         nothing is written once it returns (teardown unmounts the tmpfs next)."""
         with self._writing:
-            self._stopped = True
-            for key in self._keys:
-                self._scheduler.cancel(key)
+            self._stop()
+
+    def _stop(self) -> None:
+        self._stopped = True
+        for key in self._keys:
+            self._scheduler.cancel(key)
+
+    @contextlib.contextmanager
+    def handover(self) -> Iterator[None]:
+        """Hand the mount over to a new token's upkeep: this one writes nothing while the block runs (the new
+        files are written), and stops if it succeeds. If it fails, this one goes on as if nothing happened,
+        and the task that asked for the handover is retried."""
+        with self._writing:
+            yield
+            self._stop()
 
     # -- the token ------------------------------------------------------------------------------
 

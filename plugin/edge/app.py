@@ -95,8 +95,9 @@ def create_control_app(identity: Identity, driver: Driver, operations: Operation
         token = _body().get("WrappingToken")
         if not isinstance(token, str) or not token.strip():
             raise InvalidOptionError("request has no WrappingToken")
-        issued = identity.bootstrap(token.strip())
-        return _reply({"Accessor": issued.accessor, "TTL": issued.ttl, "Err": ""})
+        issued, previous = identity.bootstrap(token.strip())
+        retired = driver.retire_identity(previous) if previous is not None else {}
+        return _reply({"Accessor": issued.accessor, "TTL": issued.ttl, **retired, "Err": ""})
 
     _install_error_handlers(app)
     return app

@@ -65,6 +65,9 @@ class Identity(TokenSource):
         # False once only an operator can help (a new wrapped SecretID): then nobody waits for it.
         self._may_recover = True
         self._changed = threading.Condition()
+        # Held by one renewal (or establishment) at a time and by bootstrap: a renewal of the old identity
+        # must not put it back (or forget the new one) after bootstrap replaced it.
+        self._rotating = threading.Lock()
 
     def token(self) -> str:
         """The plugin token. While there is none but one may come (the plugin is still authenticating, or
@@ -130,19 +133,23 @@ class Identity(TokenSource):
         source = f"--wrapped-secret-id-file {self._wrapped_file}"
         return self._login(self._unwrap_secret_id(self._read_wrapping_token(), source=source), source)
 
-    def bootstrap(self, wrapping_token: str) -> IssuedToken:
+    def bootstrap(self, wrapping_token: str) -> tuple[IssuedToken, IssuedToken | None]:
         """Replace the identity with one from a newly delivered wrapped SecretID (no restart needed).
+        Returns the new identity and the one it replaced (if any), which the caller retires: it is neither
+        renewed nor revoked here (the running mounts' tokens descend from it).
 
-        Raises like `establish`; a refused token leaves the current identity, if any, in place. Vault's
-        transient errors are retried for up to BOOTSTRAP_TIMEOUT seconds.
+        Serialised with the renewal thread, which could otherwise put the old identity back. Raises like
+        `establish`; a refused token leaves the current identity, if any, in place. Vault's transient
+        errors are retried for up to BOOTSTRAP_TIMEOUT seconds.
         """
         source = "the wrapped SecretID given to bootstrap"
-        with retry.budget(BOOTSTRAP_TIMEOUT):
+        with self._rotating, retry.budget(BOOTSTRAP_TIMEOUT):
             issued = self._login(self._unwrap_secret_id(wrapping_token, source=source), source)
-        previous = self._set_current(issued)
+            previous = self._set_current(issued)
         if previous is not None and previous.accessor != issued.accessor:
             log.info("replaced the plugin identity (accessor %s) by bootstrap", previous.accessor)
-        return issued
+            return issued, previous
+        return issued, None
 
     def _unwrap_secret_id(self, wrapping_token: str, *, source: str) -> str:
         """Check and unwrap `wrapping_token`; returns the SecretID, kept sealed in the store until its login
@@ -254,6 +261,10 @@ class Identity(TokenSource):
                 attempt += 1
 
     def _renew_or_establish(self) -> IssuedToken:
+        with self._rotating:
+            return self._renew_or_establish_now()
+
+    def _renew_or_establish_now(self) -> IssuedToken:
         with self._changed:
             current = self._current
         if current is None:
