@@ -71,7 +71,7 @@ def _try_it(name: str, bao: OpenBaoDevServer, role: str) -> str:
 Try it from another shell:
   docker volume create -d {name} -o role={role} \\
       -o secret.db_password=secret/data/web/db#password -o uid=1000 web-secrets
-  docker run --rm --user 1000 -v web-secrets:/run/secrets:ro busybox cat /run/secrets/db_password
+  docker run --rm --user 1000 -v web-secrets:/run/secrets busybox cat /run/secrets/db_password
   docker volume rm web-secrets
 Inspect OpenBao with: VAULT_ADDR={bao.addr} VAULT_TOKEN={bao.root_token} bao token lookup
 (the root token of this throwaway dev server; Ctrl-C stops the plugin and OpenBao)

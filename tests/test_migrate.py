@@ -86,7 +86,6 @@ def test_mapping_environment_secrets_move_to_a_volume_read_through_file_variable
             "type": "volume",
             "source": "shop-web-secrets",
             "target": "/run/secrets",
-            "read_only": True,
             "volume": {"nocopy": True},
         }
     ]

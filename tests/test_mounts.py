@@ -72,3 +72,32 @@ def test_holders_are_the_namespaces_that_bind_the_tmpfs_not_the_plugins_own_moun
     mounter.unmount("v", "held")
     mounter.unmount("v", "idle")
     assert mounter.holders("v", "held") == []  # not mounted any more
+
+
+def test_a_read_write_bind_of_the_view_still_cannot_write_chmod_or_execute(short_tmp):
+    """What Podman does with the returned path: a bind in the container's namespace, remounted read-write
+    and without noexec. The container's user owns the tmpfs root, but the tmpfs itself is read-only."""
+    require_root()
+    mounter = TmpfsMounter(short_tmp / "mounts")
+    view = mounter.mount("v", "rw", {"pw": b"secret"}, uid=1000, gid=1000, mode=0o400, size=1 << 20)
+    short_tmp.chmod(0o711)  # the container's user must reach its target
+    target = short_tmp / "target"
+    target.mkdir()
+    as_container = (
+        f"mount --bind {view} {target} && mount -o remount,bind,rw,exec {target} && "
+        f"exec setpriv --reuid 1000 --regid 1000 --clear-groups sh -c '"
+        f"cat {target}/pw; echo; chmod u+w {target} 2>&1; echo x > {target}/new 2>&1; "
+        f"chmod u+x {target}/pw 2>&1; cp /bin/true {target}/run 2>&1; echo done'"
+    )
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", as_container],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    out = result.stdout
+    assert out.startswith("secret\n") and out.rstrip().endswith("done"), (out, result.stderr)
+    assert (out + result.stderr).count("Read-only file system") == 4, (out, result.stderr)  # the shell's own: stderr
+    assert sorted(os.listdir(view)) == ["pw"]
+    # The plugin itself still swaps files (the tmpfs is writable for it while it does).
+    assert mounter.rewrite("v", "rw", {"pw": b"new"}, uid=1000, gid=1000, mode=0o400) == ["pw"]
+    assert (view / "pw").read_bytes() == b"new"
+    mounter.unmount("v", "rw")

@@ -2,8 +2,11 @@
 
 Layout for one mount: `<root>/<volume>/<mount id>/data` is a private tmpfs the plugin writes into, and
 `<root>/<volume>/<mount id>/view` a read-only bind of it, which is what dockerd bind-mounts into the
-container. Both carry `nodev,nosuid,noexec`. Files are written as the OpenBao agent's file sink does:
-temp file, owner and mode, then rename, so a reader never sees a partial file.
+container. Both carry `nodev,nosuid,noexec`. The tmpfs itself (its superblock) is read-only but while
+the plugin swaps files: whatever a runtime does with the path (Podman binds it read-write and without
+noexec), the container, though it owns the tmpfs root, can neither write nor chmod, and the files have no
+execute bit. Files are written as the OpenBao agent's file sink does: temp file, owner and mode, then
+rename, so a reader never sees a partial file.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -90,6 +94,7 @@ class TmpfsMounter(Mounter):
             with _tmpfs_root(data) as root:
                 for name, content in files.items():
                     write_atomically(root, name, content, uid=uid, gid=gid, mode=mode)
+            _mount("none", data, None, MS_REMOUNT | MS_RDONLY | _HARDENED)  # the superblock: for every mount of it
             _mount(str(data), view, None, MS_BIND)
             # A bind mount ignores flags on creation; they take effect only on a remount.
             _mount("none", view, None, MS_REMOUNT | MS_BIND | MS_RDONLY | _HARDENED)
@@ -101,24 +106,15 @@ class TmpfsMounter(Mounter):
     def rewrite(
         self, volume: str, mount_id: str, files: Mapping[str, bytes], *, uid: int, gid: int, mode: int
     ) -> list[str]:
-        """Replace the files whose content changed; returns the names written. All or none: every new file is
-        written in full beside the old one first, then each is renamed over it, so a tmpfs too full for the new
-        secrets leaves every old file in place (and no temp file)."""
+        """Replace the files whose content changed, all or none (see `_swap`); returns the names written."""
         data = self._root / volume / mount_id / "data"
         try:
             with _tmpfs_root(data) as root:
                 changed = [name for name, content in files.items() if _read(root, name) != content]
-                staged: list[str] = []
-                try:
-                    for name in changed:
-                        staged.append(_stage(root, name, files[name], uid=uid, gid=gid, mode=mode))
-                except BaseException:
-                    for temp in staged:
-                        with contextlib.suppress(OSError):
-                            os.unlink(temp, dir_fd=root)
-                    raise
-                for name, temp in zip(changed, staged, strict=True):
-                    os.rename(temp, name, src_dir_fd=root, dst_dir_fd=root)
+                if not changed:
+                    return []
+                with _writable(data):
+                    _swap(root, changed, files, uid=uid, gid=gid, mode=mode)
         except OSError as e:
             raise MountError(_failure(f"could not update the files of volume {volume}", e, files, None)) from e
         return changed
@@ -127,7 +123,7 @@ class TmpfsMounter(Mounter):
         """Delete every file of a mount, leaving its (now empty) tmpfs mounted for the running container."""
         data = self._root / volume / mount_id / "data"
         try:
-            with _tmpfs_root(data) as root:
+            with _tmpfs_root(data) as root, _writable(data):
                 for name in os.listdir(root):
                     os.unlink(name, dir_fd=root)
         except FileNotFoundError:
@@ -178,6 +174,37 @@ def _tmpfs_root(data: Path) -> Iterator[int]:
         yield fd
     finally:
         os.close(fd)
+
+
+# Held while a tmpfs is writable: one swap at a time on the host (they are rare and quick).
+_WRITABLE = threading.Lock()
+
+
+@contextlib.contextmanager
+def _writable(data: Path) -> Iterator[None]:
+    """The tmpfs at `data` writable (its superblock read-write) for the block, read-only again after it."""
+    with _WRITABLE:
+        _mount("none", data, None, MS_REMOUNT | _HARDENED)
+        try:
+            yield
+        finally:
+            _mount("none", data, None, MS_REMOUNT | MS_RDONLY | _HARDENED)
+
+
+def _swap(root: int, names: list[str], files: Mapping[str, bytes], *, uid: int, gid: int, mode: int) -> None:
+    """Replace `names` in `root`, all or none: every new file is written in full beside the old one first,
+    then each renamed over it, so a tmpfs too full for the new secrets keeps every old file (and no temp)."""
+    staged: list[str] = []
+    try:
+        for name in names:
+            staged.append(_stage(root, name, files[name], uid=uid, gid=gid, mode=mode))
+    except BaseException:
+        for temp in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=root)
+        raise
+    for name, temp in zip(names, staged, strict=True):
+        os.rename(temp, name, src_dir_fd=root, dst_dir_fd=root)
 
 
 def _read(root: int, name: str) -> bytes | None:

@@ -181,7 +181,8 @@ def _service(
         _replace_entries(env, dict(env_out))
     svc["volumes"] = [
         *_as_list(svc.get("volumes")),
-        {"type": "volume", "source": volume, "target": c.target, "read_only": True, "volume": {"nocopy": True}},
+        # Not read_only: the tmpfs is read-only in itself, and a read-only bind would lose nodev,nosuid,noexec.
+        {"type": "volume", "source": volume, "target": c.target, "volume": {"nocopy": True}},
     ]
     volumes[volume] = {"driver": "vault-secrets", "driver_opts": options}
     return [Service(name, kv_path, secrets)]
