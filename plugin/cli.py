@@ -106,6 +106,15 @@ def main() -> None:
     "transient errors (keep it under dockerd's deadline: 30 s for a managed plugin).",
 )
 @click.option(
+    "--release-unheld-after",
+    type=click.FloatRange(0, 3600),
+    envvar="VAULT_SECRETS_RELEASE_UNHELD_AFTER",
+    default=30.0,
+    show_default=True,
+    help="Seconds a mount must have existed before it is released once no container holds its tmpfs (its "
+    "container ended while the plugin was down); 0 never releases them.",
+)
+@click.option(
     "--approle-mount",
     envvar="VAULT_SECRETS_APPROLE_MOUNT",
     default="approle",
@@ -176,6 +185,7 @@ def serve(
     vault_namespace: str | None,
     vault_timeout: float,
     mount_timeout: float,
+    release_unheld_after: float,
     approle_mount: str,
     role_id: str | None,
     role_id_file: Path | None,
@@ -219,6 +229,7 @@ def serve(
         vault_namespace=vault_namespace,
         vault_timeout=vault_timeout,
         mount_timeout=mount_timeout,
+        release_unheld_after=release_unheld_after,
         approle_mount=approle_mount,
         role_id=role_id,
         wrapped_secret_id_file=wrapped_secret_id_file,

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 # gunicorn's arbiter halts with this status when a worker exits with it ("worker failed to boot").
 WORKER_BOOT_ERROR = 3
-MAINTENANCE_SECONDS = 30.0
+MAINTENANCE_SECONDS = 10.0  # a turn: release mounts no container holds, retry owed revocations
 
 
 @dataclasses.dataclass
@@ -49,6 +49,7 @@ class Service:
     vault: Vault
     stop: threading.Event
     docker: DockerAPI | None = None
+    release_unheld_after: float = 30.0
     threads: list[threading.Thread] = dataclasses.field(default_factory=list)
 
     def shutdown(self, timeout: float = 5.0) -> None:
@@ -101,7 +102,7 @@ def build_service(settings: Settings) -> Service:
     )
     MOUNTS_ACTIVE.set_function(store.count_active_mounts)
     IDENTITY_SECONDS_LEFT.set_function(identity.seconds_left)
-    return Service(driver, identity, scheduler, store, vault, threading.Event(), docker)
+    return Service(driver, identity, scheduler, store, vault, threading.Event(), docker, settings.release_unheld_after)
 
 
 def _notifier(mounter: TmpfsMounter) -> Notify | None:
@@ -128,11 +129,16 @@ def start_background(service: Service) -> None:
 
 
 def _maintain(service: Service) -> None:
-    """Reconcile once at start, then periodically: retry owed revocations and, with a docker socket,
-    release mounts whose containers are gone."""
+    """Reconcile once at start, then periodically: release mounts whose containers are gone (known from the
+    kernel's mount tables where every process is seen, else from dockerd with --docker-socket), and retry
+    owed revocations."""
     _survive("reconcile", service.driver.reconcile)
     while True:
-        if service.docker is not None:
+        if sees_every_process():
+            if service.release_unheld_after:
+                after = service.release_unheld_after
+                _survive("release", lambda: service.driver.release_unheld(after))
+        elif service.docker is not None:
             docker = service.docker
             _survive("release", lambda: service.driver.release_unused(docker.running_containers_using))
         if service.stop.wait(MAINTENANCE_SECONDS):

@@ -31,6 +31,7 @@ class Settings:
     vault_namespace: str | None = None
     vault_timeout: float = 5.0
     mount_timeout: float = 20.0
+    release_unheld_after: float = 30.0  # 0: never release a mount no container holds
     approle_mount: str = "approle"
     role_id: str | None = None
     wrapped_secret_id_file: Path | None = None

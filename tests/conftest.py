@@ -319,7 +319,8 @@ def plugin(bao, docker, short_tmp, unique_name):
         role_id=bao.seed.role_id,
         wrapped_secret_id_file=bao.write_wrapped_secret_id(short_tmp / "wrapped"),
         log_path=short_tmp / "plugin.log",
-        extra=["--docker-socket", docker.host.removeprefix("unix://")],
+        # Real containers hold its mounts: the production setting for releasing those no container holds.
+        extra=["--docker-socket", docker.host.removeprefix("unix://"), "--release-unheld-after", "30"],
     )
     process.name = unique_name
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -499,3 +500,19 @@ def test_retiring_an_identity_keeps_it_while_a_mount_cannot_move(driver, vault, 
     assert result == {"Moved": 2, "Failed": [], "PreviousRevoked": True}
     assert "old-identity" not in vault.live
     assert mounter.mounted[("web", "a1")]["files"]["pw"] == b"hunter2"
+
+
+def test_mounts_no_container_holds_are_released_but_young_and_held_ones_stay(
+    driver, vault, mounter, store, monkeypatch
+):
+    for mount_id in ("gone", "held", "young"):
+        driver.mount("web", mount_id)
+    old = time.time() - 60
+    with store._lock:  # two of them mounted a minute ago
+        store._db.execute("UPDATE mounts SET created_at = ? WHERE mount_id != 'young'", (old,))
+    mounter.held = {("web", "held"): [4242]}
+    assert driver.release_unheld(starting=30) == 1
+    assert sorted(store.mount_ids("web")) == ["held", "young"]
+    assert ("web", "gone") not in mounter.mounted and len(vault.live) == 2
+    mounter.held = None  # cannot tell: nothing is released
+    assert driver.release_unheld(starting=0) is None and len(store.mount_ids("web")) == 2

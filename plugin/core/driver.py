@@ -71,6 +71,8 @@ _MOUNT_ID = re.compile(r"[A-Za-z0-9]{1,128}")
 PROVISIONAL_MARGIN = 10
 # Unmount waits less for Vault than Mount: a revocation it cannot make now is owed and retried.
 UNMOUNT_TIMEOUT = 10.0
+# A mount this young may be of a container still starting, which holds its tmpfs only once it runs.
+STARTING = 30.0
 
 
 class Driver:
@@ -592,6 +594,33 @@ class Driver:
                 )
             elif not record.revoked:
                 self._start_upkeep(record, parse_spec(volume.options))
+
+    def release_unheld(self, starting: float = STARTING) -> int | None:
+        """Tear down the active mounts that no container holds any more, as the kernel tells (any runtime, no
+        --docker-socket): a container that ended while the plugin was down, or whose Unmount never came.
+        A mount younger than `starting` may be of a container still starting, and is left alone. Returns
+        how many were released, or None when this host cannot tell (then nothing is released)."""
+        records = [r for r in self._store.mounts() if r.refcount > 0 and time.time() - r.created_at >= starting]
+        held = self._mounter.holders_of([(r.volume, r.mount_id) for r in records])
+        if held is None:
+            return None
+        released = 0
+        for record in records:
+            if held[(record.volume, record.mount_id)]:
+                continue
+            with self._hold((record.volume, record.mount_id)):
+                current = self._store.mount(record.volume, record.mount_id)
+                # Looked at again under the lock: a Mount of the same ID may have come meanwhile.
+                if current is None or self._mounter.holders(record.volume, record.mount_id) != []:
+                    continue
+                log.warning(
+                    "releasing mount %s of volume %s: no container holds its tmpfs any more (its Unmount never came)",
+                    record.mount_id,
+                    record.volume,
+                )
+                self._teardown(current)
+                released += 1
+        return released
 
     def release_unused(
         self, running_containers_using: Callable[[str], builtins.list[str]], min_age: float = 60.0

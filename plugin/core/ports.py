@@ -194,3 +194,7 @@ class Mounter(Protocol):
         """The processes binding the mount's tmpfs, one per container (its init, the one to signal); [] for
         none or when it is not mounted; None when this host cannot tell (it does not see every process)."""
         ...
+
+    def holders_of(self, mounts: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[int]] | None:
+        """`holders` of each (volume, mount ID), from one look."""
+        ...

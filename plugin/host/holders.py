@@ -31,13 +31,17 @@ def sees_every_process(proc: Path = Path("/proc")) -> bool:
 def holders(wanted: Mapping[int, str], proc: Path = Path("/proc")) -> dict[int, list[int]] | None:
     """For each tmpfs device in `wanted` (device number -> the `/<volume>/<mount id>` its plugin-owned mount
     points end with), the PIDs holding it: one per mount namespace, its first process (a container's init,
-    the one `docker kill` signals). Devices no namespace holds map to []. None if it cannot tell."""
+    the one `docker kill` signals). Devices no namespace holds map to []. None if it cannot tell: not in the
+    host's PID namespace, or a namespace's mount table it may not read (never "nobody" when unsure)."""
     if not sees_every_process(proc):
         return None
     found: dict[int, list[int]] = {device: [] for device in wanted}
     groups = _namespaces(proc)
     for pids in groups.values():
-        held = _held(proc, pids, wanted)
+        try:
+            held = _held(proc, pids, wanted)
+        except PermissionError:  # a namespace it may not look into: it cannot say that nobody holds a mount
+            return None
         if held:
             first = _first_process(proc, pids)
             for device in held:
@@ -64,7 +68,9 @@ def _held(proc: Path, pids: list[int], wanted: Mapping[int, str]) -> set[int]:
     for pid in pids:  # any one process of the namespace tells; the first may just have ended
         try:
             text = (proc / str(pid) / "mountinfo").read_text()
-        except OSError:
+        except PermissionError:
+            raise
+        except OSError:  # ended meanwhile
             continue
         held = set()
         for line in text.splitlines():

@@ -17,12 +17,12 @@ import ctypes.util
 import errno
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from plugin.core.errors import MountError
 from plugin.core.ports import Mounter
-from plugin.host.holders import holders, sees_every_process
+from plugin.host.holders import holders
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -133,13 +133,25 @@ class TmpfsMounter(Mounter):
 
     def holders(self, volume: str, mount_id: str) -> list[int] | None:
         """The containers binding the mount, from every process's mountinfo (see `plugin.host.holders`)."""
-        try:
-            with _tmpfs_root(self._root / volume / mount_id / "data") as root:
-                device = os.fstat(root).st_dev
-        except OSError:
-            return [] if sees_every_process() else None
-        found = holders({device: f"/{volume}/{mount_id}"})
-        return None if found is None else found[device]
+        found = self.holders_of([(volume, mount_id)])
+        return None if found is None else found[(volume, mount_id)]
+
+    def holders_of(self, mounts: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[int]] | None:
+        """`holders` of each (volume, mount ID), from one look at every process."""
+        devices: dict[int, tuple[str, str]] = {}
+        for volume, mount_id in mounts:
+            try:
+                with _tmpfs_root(self._root / volume / mount_id / "data") as root:
+                    devices[os.fstat(root).st_dev] = (volume, mount_id)
+            except OSError:
+                pass  # not mounted: nobody holds it
+        found = holders({device: f"/{v}/{m}" for device, (v, m) in devices.items()})
+        if found is None:
+            return None
+        held: dict[tuple[str, str], list[int]] = {key: [] for key in mounts}
+        for device, key in devices.items():
+            held[key] = found[device]
+        return held
 
     def unmount(self, volume: str, mount_id: str) -> None:
         """Unmount the view and the tmpfs and remove their directories. Unknown mounts are a no-op."""

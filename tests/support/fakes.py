@@ -194,9 +194,13 @@ class FakeMounter(Mounter):
 
     def holders(self, volume: str, mount_id: str) -> list[int] | None:
         """What the test says holds each mount (`held`); None (cannot tell) unless it says."""
+        found = self.holders_of([(volume, mount_id)])
+        return None if found is None else found[(volume, mount_id)]
+
+    def holders_of(self, mounts: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[int]] | None:
         if self.held is None:
             return None
-        return list(self.held.get((volume, mount_id), [])) if (volume, mount_id) in self.mounted else []
+        return {key: list(self.held.get(key, [])) if key in self.mounted else [] for key in mounts}
 
 
 class FakeIdentity(TokenSource):

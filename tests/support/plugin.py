@@ -78,6 +78,9 @@ class PluginProcess:
             "--log-level",
             "debug",
             *([] if "--mount-root" in (extra or []) else ["--mount-root", str(self.mount_root)]),
+            # Tests that play dockerd mount with no container to hold the tmpfs: never released as unheld,
+            # but where a test says otherwise.
+            *([] if "--release-unheld-after" in (extra or []) else ["--release-unheld-after", "0"]),
             *(extra or []),
         ]
         if role_id:
