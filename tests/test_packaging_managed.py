@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import hvac
@@ -60,7 +61,9 @@ def test_config_declares_what_docker_needs():
     assert entrypoint[1] == "serve" and f"/run/docker/plugins/{CONFIG['interface']['socket']}" in entrypoint
     assert CONFIG["network"] == {"type": "host"}
     assert mount_root == CONFIG["propagatedMount"]  # every Mountpoint lies under the propagated mount
-    assert CONFIG["linux"]["capabilities"] == ["CAP_SYS_ADMIN"]
+    # mount(2) for the tmpfs; the host's processes seen (pidhost) to know which container holds a mount,
+    # and signalled (CAP_KILL) for notify=.
+    assert CONFIG["linux"]["capabilities"] == ["CAP_SYS_ADMIN", "CAP_KILL"] and CONFIG["pidhost"] is True
     settable = {e["name"] for e in CONFIG["env"] if "value" in e.get("settable", [])}
     assert {
         "VAULT_ADDR",
@@ -149,6 +152,31 @@ def test_managed_plugin_from_build_to_removal(docker, bao, base_image, managed, 
     finally:
         docker.docker("rm", "-f", container)
     assert mounts_below(managed.propagated_mount) == []
+
+    # notify= reaches the container under the managed plugin too: it sees the host's processes (pidhost).
+    kv_path = f"web/{managed.name}-notify"
+    bao.root.secrets.kv.v2.create_or_update_secret(path=kv_path, secret={"password": "one"})
+    notified = f"{managed.name}-notify"
+    docker.docker(
+        "volume", "create", "-d", managed.name, "-o", "role=web", "-o", "uid=1000", "-o", "refresh=5s",
+        "-o", "notify=SIGHUP", "-o", f"secret.pw=secret/data/{kv_path}#password", notified,
+    )  # fmt: skip
+    counting = "trap 'echo hup >> /tmp/hups' HUP; touch /tmp/hups; while true; do sleep 0.2; done"
+    container = docker.docker(
+        "run", "-d", "--network", "none", "--user", "1000", "-v", f"{notified}:/run/secrets", docker.image,
+        "sh", "-c", counting,
+    ).stdout.strip()  # fmt: skip
+    try:
+        bao.root.secrets.kv.v2.create_or_update_secret(path=kv_path, secret={"password": "two"})
+        deadline = time.monotonic() + 20
+        while docker.docker("exec", container, "cat", "/run/secrets/pw").stdout != "two":
+            assert time.monotonic() < deadline, "the new version did not arrive"
+            time.sleep(0.5)
+        time.sleep(1)
+        assert docker.docker("exec", container, "cat", "/tmp/hups").stdout.count("hup") == 1
+    finally:
+        docker.docker("rm", "-f", container)
+    docker.docker("volume", "rm", notified)
 
     # Nothing secret in what `docker plugin inspect` shows to every Docker API user, nor in the plugin's log.
     inspect = json.dumps(managed.inspect())

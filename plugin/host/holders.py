@@ -50,17 +50,33 @@ def holders(wanted: Mapping[int, str], proc: Path = Path("/proc")) -> dict[int, 
 
 
 def _namespaces(proc: Path) -> dict[str, list[int]]:
-    """PIDs grouped by mount namespace (a process whose namespace cannot be read is a group of its own)."""
+    """PIDs grouped by mount namespace. Where the namespace's link may not be read (another user's process,
+    without CAP_SYS_PTRACE: the managed plugin), by the ID of its root mount, which is the namespace's own."""
     groups: dict[str, list[int]] = {}
     for entry in os.scandir(proc):
         if not entry.name.isdigit():
             continue
         try:
             key = os.readlink(f"{entry.path}/ns/mnt")
-        except OSError:  # gone, or not ours to inspect (a kernel thread, a protected init)
-            key = f"pid:{entry.name}"
+        except PermissionError:
+            key = _root_mount(Path(entry.path))
+        except OSError:  # ended meanwhile
+            continue
         groups.setdefault(key, []).append(int(entry.name))
     return groups
+
+
+def _root_mount(process: Path) -> str:
+    """A key naming the mount namespace of `process`: the ID of its root mount (IDs are never shared between
+    namespaces). A process whose mount table cannot be read at all is a group of its own."""
+    try:
+        for line in (process / "mountinfo").read_text().splitlines():
+            fields = line.split(" ", 5)
+            if len(fields) > 4 and fields[4] == "/":
+                return f"root-mount:{fields[0]}"
+    except OSError:
+        pass
+    return f"pid:{process.name}"
 
 
 def _held(proc: Path, pids: list[int], wanted: Mapping[int, str]) -> set[int]:
