@@ -36,7 +36,7 @@ from plugin.core.errors import (
     VolumeInUseError,
     VolumeNotFoundError,
 )
-from plugin.core.metrics import BACKGROUND_ERRORS, MOUNT_FAILURES, MOUNT_SECONDS
+from plugin.core.metrics import BACKGROUND_ERRORS, MOUNT_FAILURES, MOUNT_OVERHEAD, MOUNT_SECONDS, waiting_on_vault
 from plugin.core.ports import (
     Mounter,
     StorePort,
@@ -208,13 +208,14 @@ class Driver:
                 self._teardown(record)
             started = time.monotonic()
             try:
-                with retry.budget(self._mount_timeout):
+                with retry.budget(self._mount_timeout), waiting_on_vault() as waited:
                     view = self._mount_new(name, mount_id)
             except BaseException:
                 MOUNT_FAILURES.inc()
                 raise
             finally:
                 MOUNT_SECONDS.observe(time.monotonic() - started)
+            MOUNT_OVERHEAD.observe(max(time.monotonic() - started - waited.seconds, 0.0))
         return str(view)
 
     def _references_after_remount(self, record: MountRecord) -> int:

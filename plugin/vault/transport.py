@@ -25,7 +25,7 @@ import urllib3.exceptions
 
 from plugin.core import retry
 from plugin.core.errors import AnswerLostError, TLSError, VaultError, VaultTransientError
-from plugin.core.metrics import VAULT_ERRORS, VAULT_RETRIES, VAULT_SECONDS
+from plugin.core.metrics import VAULT_ERRORS, VAULT_RETRIES, VAULT_SECONDS, waited_on_vault
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -112,7 +112,14 @@ class Transport:
         (`what` words them). Transient errors are retried with backoff while the caller's budget lasts,
         each attempt's timeout cut to fit; `repeatable=False` requests are not sent again once they may
         have reached Vault. Without a budget, one attempt."""
-        attempt, first_started, delay = 0, time.monotonic(), 0.0
+        first_started = time.monotonic()
+        try:
+            return self._call(operation, what, fn, repeatable, first_started)
+        finally:
+            waited_on_vault(time.monotonic() - first_started)
+
+    def _call(self, operation: str, what: str, fn: Callable[[float], T], repeatable: bool, first_started: float) -> T:
+        attempt, delay = 0, 0.0
         while True:
             time.sleep(delay)
             left = retry.remaining()
