@@ -14,7 +14,6 @@ import os
 import platform
 import random
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,8 @@ import tracemalloc
 import urllib.request
 from pathlib import Path
 
+from bench import edges
+from bench.stats import progress, summary, timed
 from devenv.database import configure_database_engine
 from devenv.openbao import (
     OpenBaoDevServer,
@@ -40,7 +41,15 @@ from tests.support.postgres import PostgresServer
 ROOT = Path(__file__).resolve().parent.parent  # run as `python -m bench.run` from here (make bench)
 
 TARGETS = {
-    "docker_run_ratio": ("docker run with secrets / plain local volume (ratio of medians)", "<=", 1.10),
+    "docker_run_ratio": ("docker run with secrets / plain local volume (ratio of medians)", "<=", 1.05),
+    "boot_storm_ratio": ("boot storm, 100 --restart always containers: secrets / local (ratio of times)", "<=", 1.25),
+    "boot_storm_left_down": ("boot storm: containers left down or without their secret", "<=", 0),
+    "stop_ratio": ("docker stop + rm with secrets / local volume (ratio of medians)", "<=", 1.05),
+    "stop_revoked_s": ("container stop: token still alive after docker rm returned, max (s)", "<=", 1.0),
+    "failover_failed": ("Mounts failed across a leader SIGKILL", "<=", 0),
+    "failover_over_election_s": ("slowest Mount across the failover minus the election time (s)", "<=", 2.0),
+    "overhead_p50_ms": ("plugin's own time per Mount of 5 KV secrets, p50 (ms, histogram bucket)", "<=", 2.0),
+    "lifecycle_extra_requests": ("Vault requests per container beyond 1 mint + 1 read per source + 1 revoke", "<=", 0),
     "mount_kv5_p50_ms": ("Mount, 5 KV secrets: p50 (ms)", "<=", 15.0),
     "mount_kv5_p99_ms": ("Mount, 5 KV secrets: p99 (ms)", "<=", 50.0),
     "agent_over_mount": ("bao agent one-shot / Mount (ratio of medians)", ">=", 5.0),
@@ -49,33 +58,6 @@ TARGETS = {
     "memory_idle_mb": ("plugin PSS, idle (MB)", "<=", 60.0),
     "memory_per_mount_kb": ("plugin PSS per active mount (KB)", "<=", 20.0),
 }
-
-
-def summary(samples: list[float], scale: float = 1000.0) -> dict[str, float]:
-    """median, p95, p99, min, max of `samples` (seconds), in ms by default."""
-    ordered = sorted(samples)
-
-    def pct(p: float) -> float:
-        return ordered[min(len(ordered) - 1, int(round(p * (len(ordered) - 1))))] * scale
-
-    return {
-        "n": len(ordered),
-        "median": statistics.median(ordered) * scale,
-        "p95": pct(0.95),
-        "p99": pct(0.99),
-        "min": ordered[0] * scale,
-        "max": ordered[-1] * scale,
-    }
-
-
-def timed(fn) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
-
-
-def progress(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 class Bench:
@@ -133,6 +115,22 @@ class Bench:
             },
         )
 
+    def lifecycle(self) -> dict:
+        progress("7/10 Vault requests of a container's life, and the plugin's own time per Mount")
+        return edges.lifecycle(self)
+
+    def container_stop(self) -> dict:
+        progress("8/10 docker stop + rm with a vault-secrets volume vs a local volume")
+        return edges.container_stop(self)
+
+    def boot_storm(self) -> dict:
+        progress("9/10 host boot storm: dockerd restarted with --restart always containers")
+        return edges.boot_storm(self)
+
+    def failover(self) -> dict:
+        progress("10/10 Mounts across the SIGKILL of a 3-node cluster's leader")
+        return edges.failover(self)
+
     def close(self) -> None:
         for step in (self.plugin.stop, self.docker.stop, self.pg.stop, self.bao.stop):
             try:
@@ -146,7 +144,7 @@ class Bench:
 
     # 1 ----------------------------------------------------------------------------------------
     def docker_run(self) -> dict:
-        progress("1/6 docker run with a vault-secrets volume vs a local volume")
+        progress("1/10 docker run with a vault-secrets volume vs a local volume")
         d = self.docker
         opts = [a for i in range(3) for a in ("-o", f"secret.s{i}=secret/data/web/s{i}#v")]
         d.docker(
@@ -228,7 +226,7 @@ class Bench:
         return {**summary(samples), "vault_requests_per_mount": per_mount}
 
     def mounts(self) -> dict:
-        progress("2/6 Mount latency at the socket")
+        progress("2/10 Mount latency at the socket")
         time.sleep(1)
         return {
             "kv5": self.mount_latency("kv5", self.n(300, 5), churn=False),
@@ -238,7 +236,7 @@ class Bench:
 
     # 3 ----------------------------------------------------------------------------------------
     def agent(self) -> dict:
-        progress("3/6 bao agent one-shot vs a Mount, same 5 secrets")
+        progress("3/10 bao agent one-shot vs a Mount, same 5 secrets")
         work = self.workdir / "agent"
         (work / "out").mkdir(parents=True)
         token = self.bao.client().auth.token.create(policies=["web"], ttl="1h")["auth"]["client_token"]
@@ -277,7 +275,7 @@ class Bench:
 
     # 4 ----------------------------------------------------------------------------------------
     def throughput(self) -> dict:
-        progress("4/6 200 concurrent Mount+Unmount pairs")
+        progress("4/10 200 concurrent Mount+Unmount pairs")
         pairs = self.n(200, 10)
         errors: list[str] = []
 
@@ -319,7 +317,7 @@ class Bench:
 
     # 5 ----------------------------------------------------------------------------------------
     def renewer(self) -> dict:
-        progress("5/6 renewer scale: a heap of deadlines on a controlled clock, then real short-TTL tokens")
+        progress("5/10 renewer scale: a heap of deadlines on a controlled clock, then real short-TTL tokens")
         scale = {}
         for n in (1_000, 10_000, 100_000) if not self.quick else (100, 1_000):
             now = [0.0]
@@ -402,7 +400,7 @@ class Bench:
         return total
 
     def memory(self) -> dict:
-        progress("6/6 plugin memory (PSS of every process), idle and with 1,000 active mounts")
+        progress("6/10 plugin memory (PSS of every process), idle and with 1,000 active mounts")
         count = self.n(1000, 20)
         time.sleep(2)
         idle = self.pss_kb()
@@ -414,6 +412,14 @@ class Bench:
         for mount_id in ids:
             self.client.ok("VolumeDriver.Unmount", {"Name": "kv1", "ID": mount_id})
         return {"idle_kb": idle, "mounts": count, "loaded_kb": loaded, "per_mount_kb": (loaded - idle) / count}
+
+
+def unmount_below(path: Path) -> None:
+    """Lazily unmount what the plugin left mounted under `path` (its tmpfs are read-only: rmtree cannot
+    empty them), deepest first."""
+    targets = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    for target in sorted((t for t in targets if t.startswith(f"{path}/")), key=len, reverse=True):
+        subprocess.run(["umount", "-l", target], check=False, capture_output=True)
 
 
 def machine() -> dict:
@@ -443,7 +449,27 @@ def verdicts(results: dict) -> dict[str, float]:
         "throughput_leaked_tokens": results["throughput"]["leaked_tokens"],
         "memory_idle_mb": results["memory"]["idle_kb"] / 1024,
         "memory_per_mount_kb": results["memory"]["per_mount_kb"],
+        "boot_storm_ratio": results["boot_storm"]["ratio"],
+        "boot_storm_left_down": results["boot_storm"]["secrets"]["left_down"]
+        + results["boot_storm"]["secrets"]["not_read"],
+        "stop_ratio": results["container_stop"]["ratio"],
+        "stop_revoked_s": results["container_stop"]["token_alive_after_rm_max_s"],
+        "failover_failed": results["failover"]["failed"],
+        "failover_over_election_s": results["failover"]["max_over_election_s"],
+        "overhead_p50_ms": results["lifecycle"]["overhead_p50_ms"],
+        "lifecycle_extra_requests": extra_requests(results["lifecycle"]),
     }
+
+
+def extra_requests(lifecycle: dict) -> float:
+    """Requests per container on the Mount and Unmount paths beyond the design's minimum for 5 KV secrets:
+    1 mint, 5 reads, 1 revoke."""
+    minimum = {"mint": 1, "read": 5, "revoke_token": 1}
+    seen: dict[str, float] = {}
+    for path in ("mount_path", "unmount_path"):
+        for kind, count in lifecycle[path].items():
+            seen[kind] = seen.get(kind, 0) + count
+    return sum(max(count - minimum.get(kind, 0), 0) for kind, count in seen.items())
 
 
 def report(results: dict) -> str:
@@ -517,6 +543,57 @@ def report(results: dict) -> str:
         f"Memory: {mem['idle_kb'] / 1024:.1f} MB PSS idle (gunicorn master and worker), "
         f"{mem['loaded_kb'] / 1024:.1f} MB with {mem['mounts']} active mounts: {mem['per_mount_kb']:.1f} KB per mount.",
     ]
+    life, stop, storm, ha = results["lifecycle"], results["container_stop"], results["boot_storm"], results["failover"]
+
+    def kinds(calls: dict) -> str:
+        return ", ".join(f"{k} {v:g}" for k, v in sorted(calls.items())) or "none"
+
+    lines += [
+        "",
+        "## A container's life",
+        "",
+        f"Vault requests per container ({life['containers']} Mounts of 5 KV secrets, then their Unmounts): "
+        f"Mount path {kinds(life['mount_path'])}; Unmount path {kinds(life['unmount_path'])}. The plugin's own "
+        f"time per Mount (its duration less its wait on Vault): p50 at most {life['overhead_p50_ms']:g} ms, p99 "
+        f"at most {life['overhead_p99_ms']:g} ms (histogram buckets).",
+        "",
+        "## Container stop (ms)",
+        "",
+        "| volume | n | median | p95 | min | max |",
+        "|---|---|---|---|---|---|",
+    ]
+    for kind in ("secrets", "local"):
+        row = stop[kind]
+        lines.append(
+            f"| {kind} | {row['n']} | {row['median']:.0f} | {row['p95']:.0f} | {row['min']:.0f} | {row['max']:.0f} |"
+        )
+    lines += [
+        "",
+        f"Ratio {stop['ratio']:.2f}; the token was alive at most {stop['token_alive_after_rm_max_s'] * 1000:.0f} ms "
+        "after `docker rm` returned.",
+        "",
+        "## Boot storm",
+        "",
+        "| volumes | containers | dockerd start to all running with their secret (s) | left down | not read | Vault requests |",
+        "|---|---|---|---|---|---|",
+    ]
+    for kind in ("secrets", "local"):
+        row = storm[kind]
+        lines.append(
+            f"| {kind} | {row['containers']} | {row['seconds']:.1f} | {row['left_down']} | {row['not_read']} | "
+            f"{kinds(row['vault_requests'])} |"
+        )
+    lines += [
+        "",
+        f"Ratio {storm['ratio']:.2f}.",
+        "",
+        "## Leader failover",
+        "",
+        f"{ha['mounts']} Mounts through a standby of a 3-node Raft cluster, its leader SIGKILLed: {ha['failed']} "
+        f"failed; election (kill to a node taking writes) {ha['election_s']:.1f} s; Mounts across the kill p50 "
+        f"{ha['across_p50_ms']:.0f} ms, p99 {ha['across_p99_ms']:.0f} ms, max {ha['across_max_s']:.2f} s "
+        f"({ha['max_over_election_s']:+.2f} s over the election).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -541,9 +618,14 @@ def main() -> int:
                 "throughput": bench.throughput(),
                 "renewer": bench.renewer(),
                 "memory": bench.memory(),
+                "lifecycle": bench.lifecycle(),
+                "container_stop": bench.container_stop(),
+                "boot_storm": bench.boot_storm(),
+                "failover": bench.failover(),
             }
         finally:
             bench.close()
+            unmount_below(Path(tmp))
     results["verdicts"] = verdicts(results)
     results["seconds"] = time.monotonic() - started
     args.output.mkdir(parents=True, exist_ok=True)

@@ -161,9 +161,17 @@ class Dockerd:
         """Stop dockerd as a service manager does (SIGTERM: it stops its containers, their volumes get
         Unmount) and start it again on the same roots, in place: at start it restores `--restart always`
         containers as soon as their volume plugins answer."""
+        self.stop_daemon()
+        self.start_daemon(timeout)
+
+    def stop_daemon(self) -> None:
+        """SIGTERM dockerd as a service manager does (it stops its containers first) and wait for its end."""
         assert self.run_dir == self.workdir, "the exec root must not move across the restart"
         _kill([self.pid], signal.SIGTERM, grace=30)
         self._proc.wait()
+
+    def start_daemon(self, timeout: float = 60) -> None:
+        """Start dockerd again on the same roots after `stop_daemon`, in place, and wait until it answers."""
         restarted = Dockerd.start(self.workdir, timeout)
         self._proc, self.pid = restarted._proc, restarted.pid
 
