@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tests.conftest import SECRET, live_tmpfs_below
+from tests.support.notify import COUNTING_HUPS
 from tests.support.plugin import held_tokens, open_state, plugin_command
 
 pytestmark = [pytest.mark.docker, pytest.mark.openbao]
@@ -231,13 +232,11 @@ def test_notify_signals_only_the_container_whose_files_changed(docker, plugin, b
         *("-o", "refresh=10s", "-o", "notify=SIGHUP"),
         unique_name,
     )
-    # busybox sh runs a trap between two short sleeps; each HUP adds a line.
-    counting = "trap 'echo hup >> /tmp/hups' HUP; touch /tmp/hups; while true; do sleep 0.2; done"
 
     def start() -> str:
         return docker.docker(
             "run", "-d", "--network", "none", "--user", "1000", "-v", f"{unique_name}:/run/secrets",
-            docker.image, "sh", "-c", counting,
+            docker.image, "sh", "-c", COUNTING_HUPS,
         ).stdout.strip()  # fmt: skip
 
     def hups(container: str) -> int:

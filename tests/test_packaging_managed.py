@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import hvac
@@ -17,6 +16,7 @@ import pytest
 
 from devenv.openbao import free_loopback_port
 from tests.conftest import SECRET, require, require_root
+from tests.support.notify import assert_one_sighup_after_a_kv_change
 from tests.support.plugin_image import (
     ManagedPlugin,
     debian_base_image,
@@ -154,29 +154,7 @@ def test_managed_plugin_from_build_to_removal(docker, bao, base_image, managed, 
     assert mounts_below(managed.propagated_mount) == []
 
     # notify= reaches the container under the managed plugin too: it sees the host's processes (pidhost).
-    kv_path = f"web/{managed.name}-notify"
-    bao.root.secrets.kv.v2.create_or_update_secret(path=kv_path, secret={"password": "one"})
-    notified = f"{managed.name}-notify"
-    docker.docker(
-        "volume", "create", "-d", managed.name, "-o", "role=web", "-o", "uid=1000", "-o", "refresh=5s",
-        "-o", "notify=SIGHUP", "-o", f"secret.pw=secret/data/{kv_path}#password", notified,
-    )  # fmt: skip
-    counting = "trap 'echo hup >> /tmp/hups' HUP; touch /tmp/hups; while true; do sleep 0.2; done"
-    container = docker.docker(
-        "run", "-d", "--network", "none", "--user", "1000", "-v", f"{notified}:/run/secrets", docker.image,
-        "sh", "-c", counting,
-    ).stdout.strip()  # fmt: skip
-    try:
-        bao.root.secrets.kv.v2.create_or_update_secret(path=kv_path, secret={"password": "two"})
-        deadline = time.monotonic() + 20
-        while docker.docker("exec", container, "cat", "/run/secrets/pw").stdout != "two":
-            assert time.monotonic() < deadline, "the new version did not arrive"
-            time.sleep(0.5)
-        time.sleep(1)
-        assert docker.docker("exec", container, "cat", "/tmp/hups").stdout.count("hup") == 1
-    finally:
-        docker.docker("rm", "-f", container)
-    docker.docker("volume", "rm", notified)
+    assert_one_sighup_after_a_kv_change(docker, bao, managed.name)
 
     # Nothing secret in what `docker plugin inspect` shows to every Docker API user, nor in the plugin's log.
     inspect = json.dumps(managed.inspect())

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PLUGINS_DIR, SECRET, require
+from tests.support.notify import assert_one_sighup_after_a_kv_change
 from tests.support.plugin import PluginClient, plugin_command
 from tests.support.plugin_image import mounts_below, read_secret_as_1000
 
@@ -201,7 +202,8 @@ def test_exec_start_serves_dockerd_with_the_units_hardening(docker, bao, host_la
             volume,
         )
         assert read_secret_as_1000(docker, volume) == ["1000", SECRET, "1000", "400"]
-        _notify_reaches_a_container_of_another_user(docker, bao, unique_name)
+        # notify= under the unit's capabilities: a container of another user is signalled (CAP_KILL).
+        assert_one_sighup_after_a_kv_change(docker, bao, unique_name)
         docker.docker("volume", "rm", volume)
         assert bao.accessors_with_meta(volume=volume) == []
         assert mounts_below(host_layout["/run/vault-secrets"]) == []
@@ -217,33 +219,6 @@ def test_exec_start_serves_dockerd_with_the_units_hardening(docker, bao, host_la
         socket.unlink(missing_ok=True)
     assert status == 0
     assert {p.name for p in host_layout["/var/lib/vault-secrets"].iterdir()} >= {"state.db", "seal.key"}
-
-
-def _notify_reaches_a_container_of_another_user(docker, bao, driver: str) -> None:
-    """notify=SIGHUP under the unit's capabilities: a uid-1000 container gets one signal after a KV change."""
-    path = f"web/{driver}-notify"
-    bao.root.secrets.kv.v2.create_or_update_secret(path=path, secret={"password": "one"})
-    volume = f"{driver}-notify"
-    docker.docker(
-        "volume", "create", "-d", driver, "-o", "role=web", "-o", "uid=1000", "-o", "refresh=5s",
-        "-o", "notify=SIGHUP", "-o", f"secret.pw=secret/data/{path}#password", volume,
-    )  # fmt: skip
-    counting = "trap 'echo hup >> /tmp/hups' HUP; touch /tmp/hups; while true; do sleep 0.2; done"
-    container = docker.docker(
-        "run", "-d", "--network", "none", "--user", "1000", "-v", f"{volume}:/run/secrets", docker.image,
-        "sh", "-c", counting,
-    ).stdout.strip()  # fmt: skip
-    try:
-        bao.root.secrets.kv.v2.create_or_update_secret(path=path, secret={"password": "two"})
-        deadline = time.monotonic() + 20
-        while docker.docker("exec", container, "cat", "/run/secrets/pw").stdout != "two":
-            assert time.monotonic() < deadline, "the new version did not arrive"
-            time.sleep(0.5)
-        time.sleep(1)
-        assert docker.docker("exec", container, "cat", "/tmp/hups").stdout.count("hup") == 1
-    finally:
-        docker.docker("rm", "-f", container)
-    docker.docker("volume", "rm", volume)
 
 
 def _wait_for_socket(service: subprocess.Popen, socket: Path, log: Path, timeout: float = 15) -> None:
