@@ -112,7 +112,7 @@ def main() -> None:
     default=30.0,
     show_default=True,
     help="Seconds a mount must have existed before it is released once no container holds its tmpfs (its "
-    "container ended while the plugin was down); 0 never releases them.",
+    "container ended while the plugin was down); 0 turns this off (with --docker-socket, dockerd is asked instead).",
 )
 @click.option(
     "--approle-mount",

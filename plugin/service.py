@@ -130,14 +130,13 @@ def start_background(service: Service) -> None:
 
 def _maintain(service: Service) -> None:
     """Reconcile once at start, then periodically: release mounts whose containers are gone (known from the
-    kernel's mount tables where every process is seen, else from dockerd with --docker-socket), and retry
-    owed revocations."""
+    kernel's mount tables where every process is seen, unless --release-unheld-after 0; else from dockerd,
+    with --docker-socket), and retry owed revocations."""
     _survive("reconcile", service.driver.reconcile)
     while True:
-        if sees_every_process():
-            if service.release_unheld_after:
-                after = service.release_unheld_after
-                _survive("release", lambda: service.driver.release_unheld(after))
+        if sees_every_process() and service.release_unheld_after:
+            after = service.release_unheld_after
+            _survive("release", lambda: service.driver.release_unheld(after))
         elif service.docker is not None:
             docker = service.docker
             _survive("release", lambda: service.driver.release_unused(docker.running_containers_using))

@@ -38,9 +38,20 @@ def test_bench_quick_run_produces_every_figure(tmp_path):
         "throughput_leaked_tokens",
         "memory_idle_mb",
         "memory_per_mount_kb",
+        "boot_storm_ratio",
+        "boot_storm_left_down",
+        "stop_ratio",
+        "stop_revoked_s",
+        "failover_failed",
+        "failover_over_election_s",
+        "overhead_p50_ms",
+        "lifecycle_extra_requests",
     }
     assert results["throughput"]["errors"] == 0 and results["throughput"]["leaked_tokens"] == 0
     # The mint, the extension of the provisional token once recorded, and one read per secret.
     assert results["mount"]["kv5"]["vault_requests_per_mount"] == {"mint": 1, "renew_token": 1, "read": 5}
     assert results["renewer"]["real"]["renewals"] > 0
+    # Correctness even with tiny counts: nothing left down or failed, the Vault requests of a container's life.
+    assert results["verdicts"]["boot_storm_left_down"] == 0 and results["verdicts"]["failover_failed"] == 0
+    assert results["lifecycle"]["unmount_path"] == {"revoke_token": 1}
     assert "| Mount, 5 KV secrets: p50 (ms) |" in (tmp_path / "latest.md").read_text()

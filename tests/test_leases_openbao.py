@@ -11,6 +11,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from tests.support.faults import state_query
+
 pytestmark = pytest.mark.openbao
 
 MOUNT_ID = "cd" * 32
@@ -119,6 +121,16 @@ def test_short_lease_is_renewed_then_reissued_at_max_ttl_with_files_swapped(star
     assert "token.replace" in plugin.log(), "a new token and its secrets replaced the old"
     plugin.client.ok("VolumeDriver.Unmount", {"Name": "short", "ID": MOUNT_ID})
     assert not databases.pg.role_exists(second)
+    no_revocation_owed(plugin)
+
+
+def no_revocation_owed(plugin) -> None:
+    """Wait until the revocations owed for after a grace are made: nothing this test issued outlives it."""
+    wait_for(
+        lambda: state_query(plugin.state_dir, "SELECT COUNT(*) FROM pending_revocations") == [(0,)],
+        15,
+        "the old tokens' revocations after their grace",
+    )
 
 
 def test_refresh_picks_up_a_new_kv_version(start_plugin, bao):
@@ -171,6 +183,7 @@ def test_rotate_grace_revokes_the_old_database_role_well_before_its_max_ttl(star
     assert "could not revoke" not in log, "no revocation failed (and none was taken for done)"
     plugin.client.ok("VolumeDriver.Unmount", {"Name": "grace", "ID": MOUNT_ID})
     wait_for(lambda: not databases.pg.role_exists(second), 10, "the new role to go with the mount")
+    no_revocation_owed(plugin)
 
 
 def _issued_certificates(bao) -> int:

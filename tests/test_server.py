@@ -157,7 +157,7 @@ def test_short_ttl_child_token_is_renewed_while_mounted(start_plugin, bao):
     plugin = start_plugin()
     plugin.client.ok("VolumeDriver.Create", {"Name": "short", "Opts": {**OPTIONS, "ttl": "6s"}})
     plugin.client.ok("VolumeDriver.Mount", {"Name": "short", "ID": MOUNT_ID})
-    [accessor] = bao.accessors_with_meta(volume="short")
+    [accessor] = bao.accessors_with_meta(volume="short", mount_id=MOUNT_ID)
     time.sleep(9)  # past the original TTL: only renewals keep it alive
     data = bao.root.auth.token.lookup_accessor(accessor)["data"]
     assert data["last_renewal_time"] and data["ttl"] > 0

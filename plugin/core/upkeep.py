@@ -34,8 +34,9 @@ from plugin.core.spec import Source, Spec
 log = logging.getLogger(__name__)
 audit = logging.getLogger("plugin.audit")
 
-# A renewal granting less than this share of the first duration means the max TTL is near.
-CAPPED = 0.9
+# A renewal granting less than this share of what it asked for means the max TTL is near (Vault grants what
+# is asked, to the second, until then).
+CAPPED = 0.95
 
 Notify = Callable[[str, str, str], None]  # (volume, mount ID, signal): signals the containers binding that mount
 
