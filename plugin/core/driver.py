@@ -8,12 +8,15 @@ child token (and with it every lease it created) and removes the tmpfs.
 A Mount (and the Create of a `wrapped-token=` volume) runs within one budget (`mount_timeout`): it
 waits for the plugin identity and Vault retries transient errors inside it, so a leader election costs
 latency, not a failed container start.
+
+The driver holds the state the verbs share (the locks, each mount's upkeep); replacing a running mount's
+token (plugin/core/rotation.py) and settling mounts it did not see end (plugin/core/recovery.py) live
+beside it and work through it.
 """
 
 from __future__ import annotations
 
 import builtins
-import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -27,16 +30,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import cast
 
-from plugin.core import retry
+from plugin.core import recovery, retry, rotation
 from plugin.core.errors import (
     InvalidOptionError,
-    PluginError,
-    StateError,
     VaultError,
     VolumeInUseError,
     VolumeNotFoundError,
 )
-from plugin.core.metrics import BACKGROUND_ERRORS, MOUNT_FAILURES, MOUNT_OVERHEAD, MOUNT_SECONDS, waiting_on_vault
+from plugin.core.metrics import MOUNT_FAILURES, MOUNT_OVERHEAD, MOUNT_SECONDS, waiting_on_vault
 from plugin.core.ports import (
     Mounter,
     StorePort,
@@ -48,7 +49,6 @@ from plugin.core.records import (
     Fetched,
     IssuedToken,
     MountRecord,
-    OwedRevocation,
     VolumeInfo,
     VolumeRecord,
 )
@@ -57,7 +57,7 @@ from plugin.core.revocation import Revoker
 from plugin.core.scheduler import Scheduler, renewal_delay, token_renewal
 from plugin.core.spec import TOKEN_FILE_WRAP_TTL, Source, Spec, parse_spec
 from plugin.core.template import check_bounds
-from plugin.core.upkeep import MountUpkeep, Notify, notify_changed
+from plugin.core.upkeep import MountUpkeep, Notify
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("plugin.audit")
@@ -71,8 +71,6 @@ _MOUNT_ID = re.compile(r"[A-Za-z0-9]{1,128}")
 PROVISIONAL_MARGIN = 10
 # Unmount waits less for Vault than Mount: a revocation it cannot make now is owed and retried.
 UNMOUNT_TIMEOUT = 10.0
-# A mount this young may be of a container still starting, which holds its tmpfs only once it runs.
-STARTING = 30.0
 
 
 class Driver:
@@ -397,103 +395,15 @@ class Driver:
                 self._teardown(record)
         audit.info("unmount %s %s", name, mount_id, extra={"event": "unmount", "volume": name, "mount_id": mount_id})
 
-    # -- a running mount's token replaced ---------------------------------------------------------
+    # -- a running mount's token replaced (plugin/core/rotation.py) -------------------------------
 
     def replace_token(self, volume: str, mount_id: str, *, reason: str, container_token: bool = False) -> bool:
-        """Give a running mount a new token from its parent (the volume's credential, or the identity as it is
-        now) and its secrets anew under it: the files are swapped, then the old token, and with it every lease
-        it created, is revoked after `rotate-grace` (owed durably from then on). With `container_token`, a
-        token-file gets a new wrapped token too, and the container's old token goes the same way.
-
-        This is how a lease at its max TTL is re-issued (a mount's token may revoke itself, not a lease), and
-        how bootstrap moves running mounts to a new identity. Returns False when there is nothing to replace
-        (the mount ended, or its token is its volume's). Raises like Mount; the mount then keeps its old
-        token, files and leases, and its upkeep goes on."""
-        with self._hold((volume, mount_id)):
-            record = self._store.mount(volume, mount_id)
-            if record is None or not record.refcount or not record.owns_token or record.revoked or record.unreadable:
-                return False
-            spec = parse_spec(self._require_volume(volume).options)
-            credential = self._store.volume_credential(volume)
-            with retry.budget(self._mount_timeout):
-                parent = credential.token if credential else self._identity.token()
-                new, fetched, token_ttl, written = self._reissue(record, parent, spec, container_token)
-            self._start_upkeep(new, spec, fetched, token_ttl)
-        where = {"volume": volume, "mount_id": mount_id}
-        self._revoker.revoke_later(OwedRevocation(record.accessor, record.token), spec.rotate_grace, **where)
-        if container_token and record.container_token_accessor:
-            old = OwedRevocation(record.container_token_accessor, parent, "accessor")
-            self._revoker.revoke_later(old, spec.rotate_grace, **where)
-        audit.info(
-            "token.replace %s %s (%s)",
-            volume,
-            mount_id,
-            reason,
-            extra={"event": "token.replace", **where, "accessor": new.accessor, "replaced": record.accessor},
-        )
-        if written and spec.notify and self._notify is not None:
-            notify_changed(self._notify, new, spec.notify)
-        return True
+        """See `rotation.replace_token`: a new token and every secret under it, the old revoked after the grace."""
+        return rotation.replace_token(self, volume, mount_id, reason=reason, container_token=container_token)
 
     def retire_identity(self, previous: IssuedToken) -> dict[str, object]:
-        """After bootstrap replaced the plugin identity by a new one: move every running mount whose token
-        descends from `previous` (volumes without a wrapped credential) to a new token from the new
-        identity, its files swapped (`replace_token`, token-files included), then revoke `previous`, and with it
-        whatever it issued that is left. If a mount cannot be moved, `previous` is left unrevoked (revoking it
-        would revoke that mount's token, and so its container's secrets): the answer names those mounts."""
-        moved, failed = 0, []
-        for record in self._store.mounts():
-            if not record.owns_token or not record.refcount or record.revoked or record.unreadable:
-                continue
-            if self._store.volume_credential(record.volume) is not None:
-                continue  # descends from the volume's wrapped credential, not from the identity
-            try:
-                if self.replace_token(record.volume, record.mount_id, reason="bootstrap", container_token=True):
-                    moved += 1
-            except PluginError as e:
-                failed.append(f"mount {record.mount_id} of volume {record.volume}: {e}")
-        if failed:
-            log.error(
-                "bootstrap: %d mount(s) could not move to the new identity, so the old one (accessor %s) was not "
-                "revoked: %s",
-                len(failed),
-                previous.accessor,
-                "; ".join(failed),
-            )
-        else:
-            self._revoker.revoke(previous.accessor, previous.token, reason="bootstrap")
-        return {"Moved": moved, "Failed": failed, "PreviousRevoked": not failed}
-
-    def _reissue(
-        self, record: MountRecord, parent: str, spec: Spec, container_token: bool
-    ) -> tuple[MountRecord, dict[Source, Fetched], int, builtins.list[str]]:
-        """Mint, fetch, render, then swap the files and the record: the work of `replace_token` (under the
-        mount's lock). Returns the new record, the secrets, the new token's TTL and the files rewritten."""
-        meta = {"volume": record.volume, "mount_id": record.mount_id, "host": self._hostname}
-        where = {"volume": record.volume, "mount_id": record.mount_id}
-        child = self._mint(parent, spec, meta)
-        new = dataclasses.replace(record, token=child.token, accessor=child.accessor)
-        try:
-            token_ttl, fetched = self._extend_and_fetch(child, child.token, spec)
-            files = render_files(spec, {source: secret.data for source, secret in fetched.items()})
-            if container_token and spec.token_file is not None:
-                accessor, files[spec.token_file] = self._container_token(parent, spec, meta)
-                new = dataclasses.replace(new, container_token_accessor=accessor)
-            old_upkeep = self._upkeeps.get((record.volume, record.mount_id))
-            # The old upkeep writes nothing meanwhile, and stops once the new files and record are in place;
-            # if they cannot be, it goes on with the old token and files, and retries what asked for this.
-            with old_upkeep.handover() if old_upkeep is not None else contextlib.nullcontext():
-                written = self._mounter.rewrite(
-                    record.volume, record.mount_id, files, uid=spec.uid, gid=spec.gid, mode=spec.mode
-                )
-                leases = {str(source): secret.lease_id for source, secret in fetched.items() if secret.lease_id}
-                self._store.replace_mount_token(new, leases)
-        except BaseException:
-            self._revoker.revoke(child.accessor, child.token, **where)
-            if new.container_token_accessor != record.container_token_accessor and new.container_token_accessor:
-                self._revoker.revoke_by_accessor(new.container_token_accessor, parent, **where)
-            raise
-        return new, fetched, token_ttl, written
+        """See `rotation.retire_identity`: after bootstrap, the running mounts moved, then `previous` revoked."""
+        return rotation.retire_identity(self, previous)
 
     def _replace_expiring(self, volume: str, mount_id: str) -> None:
         """For the upkeep: a lease (or the token) reached its max TTL; runs in the scheduler's thread."""
@@ -554,130 +464,25 @@ class Driver:
             for lease_id in leases:
                 self._revoker.revoke_lease(lease_id, record.token, **where)
 
-    # -- recovery -------------------------------------------------------------------------------
+    # -- recovery (plugin/core/recovery.py) -------------------------------------------------------
 
     def reconcile(self) -> int:
-        """At start: undo mounts a crash left half-made and mounts whose tmpfs is gone (host reboot);
-        resume renewing the tokens of the others (at once: how long they have left is not recorded).
+        """See `recovery.reconcile`: at start, undo what a crash left and resume the rest; how many failed."""
+        return recovery.reconcile(self)
 
-        One mount that cannot be settled (its teardown fails, its options no longer parse) is logged with its
-        name and counted, and the others are settled all the same. Returns how many could not be."""
-        for name, credential in self._store.volume_credentials().items():
-            if not credential.revoked:
-                self._scheduler.schedule(("volume", name), token_renewal(self._vault, credential.token), 0)
-        failed = 0
-        for record in self._store.mounts():
-            try:
-                self._reconcile(record)
-            except Exception as e:  # noqa: BLE001  (one bad record must not leave every later mount unrenewed)
-                failed += 1
-                BACKGROUND_ERRORS.labels("reconcile").inc()
-                log.error(
-                    "could not reconcile mount %s of volume %s: %s",
-                    record.mount_id,
-                    record.volume,
-                    e,
-                    exc_info=not isinstance(e, PluginError),  # a traceback only for the unexpected
-                )
-        return failed
-
-    def _reconcile(self, record: MountRecord) -> None:
-        with self._hold((record.volume, record.mount_id)):
-            volume = self._store.volume(record.volume)
-            if record.refcount == 0 or volume is None or not self._mounter.is_mounted(record.volume, record.mount_id):
-                log.info("cleaning up stale mount %s of volume %s", record.mount_id, record.volume)
-                self._teardown(record)
-            elif record.unreadable:
-                raise StateError(
-                    f"its token does not open with the seal key (a damaged row), so it is not renewed: the "
-                    f"container's secrets stop working within the token's TTL; its Unmount revokes it by accessor "
-                    f"{record.accessor}"
-                )
-            elif not record.revoked:
-                self._start_upkeep(record, parse_spec(volume.options))
-
-    def release_unheld(self, starting: float = STARTING) -> int | None:
-        """Tear down the active mounts that no container holds any more, as the kernel tells (any runtime, no
-        --docker-socket): a container that ended while the plugin was down, or whose Unmount never came.
-        A mount younger than `starting` may be of a container still starting, and is left alone. Returns
-        how many were released, or None when this host cannot tell (then nothing is released)."""
-        records = [r for r in self._store.mounts() if r.refcount > 0 and time.time() - r.created_at >= starting]
-        held = self._mounter.holders_of([(r.volume, r.mount_id) for r in records])
-        if held is None:
-            return None
-        released = 0
-        for record in records:
-            if held[(record.volume, record.mount_id)]:
-                continue
-            with self._hold((record.volume, record.mount_id)):
-                current = self._store.mount(record.volume, record.mount_id)
-                # Looked at again under the lock: a Mount of the same ID may have come meanwhile.
-                if current is None or self._mounter.holders(record.volume, record.mount_id) != []:
-                    continue
-                log.warning(
-                    "releasing mount %s of volume %s: no container holds its tmpfs any more (its Unmount never came)",
-                    record.mount_id,
-                    record.volume,
-                )
-                self._teardown(current)
-                released += 1
-        return released
+    def release_unheld(self, starting: float = recovery.STARTING) -> int | None:
+        """See `recovery.release_unheld`: tear down mounts no container holds; None when it cannot tell."""
+        return recovery.release_unheld(self, starting)
 
     def release_unused(
         self, running_containers_using: Callable[[str], builtins.list[str]], min_age: float = 60.0
     ) -> int:
-        """Tear down the mounts of volumes that no running container uses (dockerd restarted without
-        live-restore sends no Unmount). Mounts younger than `min_age` may be of a container still
-        starting, so a volume is left alone until all its mounts are older. Returns how many were released."""
-        by_volume: dict[str, list[MountRecord]] = {}
-        for record in self._store.mounts():
-            if record.refcount > 0:
-                by_volume.setdefault(record.volume, []).append(record)
-        released = 0
-        now = time.time()
-        for volume, records in by_volume.items():
-            if any(now - r.created_at < min_age for r in records) or running_containers_using(volume):
-                continue
-            for record in records:
-                with self._hold((record.volume, record.mount_id)):
-                    if self._store.mount(record.volume, record.mount_id) is None:
-                        continue
-                    log.warning(
-                        "releasing mount %s of volume %s: no running container uses the volume "
-                        "(dockerd restarted without sending Unmount?)",
-                        record.mount_id,
-                        volume,
-                    )
-                    self._teardown(record)
-                    released += 1
-        return released
+        """See `recovery.release_unused`: the same, asking dockerd which containers run."""
+        return recovery.release_unused(self, running_containers_using, min_age)
 
     def break_glass(self, volume: str | None = None) -> dict[str, int]:
-        """Revoke every token (and so lease) issued for `volume`, or for all volumes, and wipe their files.
-
-        Running containers keep an empty volume; their Unmounts clean up later. Mounts of a volume whose
-        wrapped credential was revoked are refused from then on. Returns counts of what was revoked.
-        """
-        mounts = credentials = 0
-        for record in self._store.mounts(volume):
-            with self._hold((record.volume, record.mount_id)):
-                self._revoke_mount(record)
-                self._mounter.wipe(record.volume, record.mount_id)
-                self._store.mark_mount_revoked(record.volume, record.mount_id)
-                mounts += 1
-        for name, credential in self._store.volume_credentials().items():
-            if volume in (None, name) and not credential.revoked:
-                with self._hold(name):
-                    self._scheduler.cancel(("volume", name))
-                    self._revoker.revoke(credential.accessor, credential.token, volume=name)
-                    self._store.mark_credential_revoked(name)
-                    credentials += 1
-        audit.warning(
-            "breakglass.revoke %s",
-            volume or "all volumes",
-            extra={"event": "breakglass.revoke", "volume": volume or "*", "mounts": mounts, "credentials": credentials},
-        )
-        return {"mounts": mounts, "credentials": credentials}
+        """See `recovery.break_glass`: revoke every token of `volume` (or all) and wipe their files."""
+        return recovery.break_glass(self, volume)
 
     def retry_pending_revocations(self) -> int:
         """Revoke what could not be revoked earlier. Returns how many revocations are still owed."""
